@@ -1,0 +1,236 @@
+"""Predict a label map for one image with an nnU-Net v2 model, with nnU-Net's semantics.
+
+The predictor works on NIfTI-ordered voxel arrays (as nibabel returns them) and converts to the
+axis convention of the reader the plans name (SimpleITK reverses the axes), so that patch sizes,
+spacings and ``transpose_forward`` mean what they meant at training time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .network import build_network
+from .plans import ModelConfig
+from .preprocessing import (
+    bbox_slices,
+    compute_new_shape,
+    nonzero_bbox,
+    resample_data,
+    resampled_channels,
+    streaming_argmax,
+    zscore,
+)
+from .sliding_window import sliding_window_logits
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    """How to run a model: these never change the model, only how it is evaluated."""
+
+    device: str = "cpu"
+    threads: int | None = None
+    tile_step_size: float = 0.5
+    use_mirroring: bool = True
+
+    def torch_device(self) -> torch.device:
+        """The torch device, checked for availability."""
+        dev = torch.device(self.device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("device 'cuda' was requested but no CUDA GPU is available")
+        return dev
+
+
+@dataclass
+class PredictionInfo:
+    """What happened during one prediction (for logs and provenance)."""
+
+    shape_in: tuple[int, ...] = ()
+    bbox: tuple[tuple[int, int], ...] = ()
+    shape_network: tuple[int, ...] = ()
+    n_tiles: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Use ``n`` intra-op threads inside the block (torch's setting is process-wide)."""
+    if not n:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+class Predictor:
+    """An nnU-Net v2 model (one or more folds) ready to segment images.
+
+    Parameters
+    ----------
+    config
+        The model's plans (see :func:`dlmuse_bids.nnunet.plans.load_model_config`).
+    fold_weights
+        One ``network_weights`` state dict per fold; predictions are averaged over folds.
+    mirror_axes
+        The checkpoint's ``inference_allowed_mirroring_axes``.
+    options
+        Device, threads, tile step and mirroring.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        fold_weights: Sequence[dict],
+        mirror_axes: Sequence[int] | None,
+        options: InferenceOptions,
+    ) -> None:
+        if not fold_weights:
+            raise ValueError("at least one fold's weights are needed")
+        self.config = config
+        self.options = options
+        self.device = options.torch_device()
+        self.mirror_axes = tuple(mirror_axes) if (mirror_axes and options.use_mirroring) else None
+        self.fold_weights = list(fold_weights)
+        self.network = build_network(
+            config.architecture, config.num_input_channels, config.num_classes
+        )
+        # strict: a checkpoint that does not fit the plans is an error, not a silent mismatch
+        self.network.load_state_dict(self.fold_weights[0], strict=True)
+        self.network.to(self.device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = False
+            torch.backends.cudnn.deterministic = True
+
+    # -- array convention -------------------------------------------------------------------
+    def _to_model_axes(
+        self, image: np.ndarray, zooms: Sequence[float]
+    ) -> tuple[np.ndarray, list[float]]:
+        if self.config.axes_reversed:
+            return image.transpose(2, 1, 0), [float(z) for z in zooms][::-1]
+        return image, [float(z) for z in zooms]
+
+    def _from_model_axes(self, labels: np.ndarray) -> np.ndarray:
+        return labels.transpose(2, 1, 0) if self.config.axes_reversed else labels
+
+    # -- steps --------------------------------------------------------------------------------
+    def preprocess(self, image: np.ndarray, zooms: Sequence[float]) -> tuple[np.ndarray, dict]:
+        """Transpose, crop to non-zero, normalise and resample one 3-D image (NIfTI order)."""
+        arr, spacing = self._to_model_axes(np.asarray(image), zooms)
+        tf = self.config.transpose_forward
+        data = arr[None].astype(np.float32).transpose(0, *[t + 1 for t in tf])
+        spacing_t = [spacing[i] for i in tf]
+        shape_before = data.shape[1:]
+        bbox, mask = nonzero_bbox(data)
+        sl = bbox_slices(bbox)
+        data = data[(slice(None), *sl)]
+        mask = mask[sl]
+        shape_cropped = data.shape[1:]
+        target = list(self.config.spacing)
+        new_shape = compute_new_shape(shape_cropped, spacing_t, target)
+        for c, scheme in enumerate(self.config.normalization_schemes):
+            if scheme == "ZScoreNormalization":
+                zscore(data[c], mask if self.config.use_mask_for_norm[c] else None)
+        data = resample_data(data, new_shape, spacing_t, target, self.config.resampling_data)
+        props = {
+            "spacing_t": spacing_t,
+            "shape_before_cropping": shape_before,
+            "bbox": bbox,
+            "shape_after_cropping": shape_cropped,
+        }
+        return data, props
+
+    def logits(self, data: np.ndarray) -> torch.Tensor:
+        """Fold-averaged float16 logits of a preprocessed (C, X, Y, Z) image, on the CPU."""
+        tensor = torch.from_numpy(np.ascontiguousarray(data)).to(torch.float32)
+        result = None
+        for params in self.fold_weights:
+            if len(self.fold_weights) > 1:
+                self.network.load_state_dict(params, strict=True)
+            fold = sliding_window_logits(
+                self.network,
+                tensor,
+                self.config.num_classes,
+                self.config.patch_size,
+                tile_step_size=self.options.tile_step_size,
+                mirror_axes=self.mirror_axes,
+                device=self.device,
+                results_device=self.device,
+            ).to("cpu")
+            if result is None:
+                result = fold
+            else:
+                result += fold
+        if len(self.fold_weights) > 1:
+            result /= len(self.fold_weights)
+        return result
+
+    def export(self, logits: torch.Tensor, props: dict) -> np.ndarray:
+        """Resample logits to the cropped input grid, argmax, paste back, undo transposes."""
+        channels = resampled_channels(
+            logits.numpy(),
+            props["shape_after_cropping"],
+            list(self.config.spacing),
+            props["spacing_t"],
+            self.config.resampling_probabilities,
+        )
+        seg = streaming_argmax(channels)
+        dtype = np.uint8 if self.config.num_classes <= 255 else np.uint16
+        full = np.zeros(props["shape_before_cropping"], dtype=dtype)
+        full[bbox_slices(props["bbox"])] = seg
+        full = full.transpose(self.config.transpose_backward)
+        return self._from_model_axes(full)
+
+    def predict(
+        self, image: np.ndarray, zooms: Sequence[float], info: PredictionInfo | None = None
+    ) -> np.ndarray:
+        """Label map (model classes) of one 3-D image given in NIfTI voxel order.
+
+        Parameters
+        ----------
+        image
+            3-D intensity array, axes as in the NIfTI file.
+        zooms
+            Voxel size in mm along those axes.
+        info
+            Optional record filled with shapes and timings.
+
+        Returns
+        -------
+        numpy.ndarray
+            Labels with the shape of ``image`` (uint8 when the model has <= 255 classes).
+        """
+        if image.ndim != 3:
+            raise ValueError(f"expected a 3-D image, got shape {image.shape}")
+        info = info if info is not None else PredictionInfo()
+        with torch_threads(self.options.threads):
+            t0 = time.perf_counter()
+            data, props = self.preprocess(image, zooms)
+            t1 = time.perf_counter()
+            logits = self.logits(data)
+            t2 = time.perf_counter()
+            labels = self.export(logits, props)
+            t3 = time.perf_counter()
+        info.shape_in = tuple(image.shape)
+        info.bbox = props["bbox"]
+        info.shape_network = tuple(data.shape[1:])
+        info.seconds = {"preprocess": t1 - t0, "network": t2 - t1, "export": t3 - t2}
+        logger.debug(
+            "%s: %s -> network grid %s in %.1f s",
+            self.config.dataset_name,
+            image.shape,
+            data.shape[1:],
+            t3 - t0,
+        )
+        return labels
