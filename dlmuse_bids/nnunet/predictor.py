@@ -107,7 +107,16 @@ class Predictor:
             config.architecture, config.num_input_channels, config.num_classes
         )
         # strict: a checkpoint that does not fit the plans is an error, not a silent mismatch
-        self.network.load_state_dict(self.fold_weights[0], strict=True)
+        for params in self.fold_weights:
+            try:
+                self.network.load_state_dict(params, strict=True)
+            except RuntimeError as exc:
+                first = str(exc).strip().splitlines()[0]
+                raise ValueError(
+                    f"checkpoint does not match the plans' network ({first})"
+                ) from exc
+        if len(self.fold_weights) > 1:
+            self.network.load_state_dict(self.fold_weights[0], strict=True)
         self.network.to(self.device)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = False
@@ -151,6 +160,7 @@ class Predictor:
         }
         return data, props
 
+    @torch.inference_mode()
     def logits(self, data: np.ndarray) -> torch.Tensor:
         """Fold-averaged float16 logits of a preprocessed (C, X, Y, Z) image, on the CPU."""
         tensor = torch.from_numpy(np.ascontiguousarray(data)).to(torch.float32)

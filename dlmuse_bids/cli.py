@@ -1,0 +1,340 @@
+"""Command lines. The only module that reads ``sys.argv`` and the environment.
+
+``dlmuse`` works on plain NIfTI files:
+
+* ``dlmuse predict --model DIR IN OUT``: one nnU-Net model on one image (nnU-Net semantics);
+* ``dlmuse run T1w.nii.gz ... -o OUTDIR``: the whole DLMUSE pipeline, NiChart-compatible outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import __version__
+
+logger = logging.getLogger("dlmuse_bids")
+
+# BIDS-Apps / sysexits exit codes
+EXIT_OK = 0
+EXIT_SOME_FAILED = 1
+EXIT_USAGE = 64
+EXIT_DATA = 65
+EXIT_NO_INPUT = 66
+EXIT_CANT_CREATE = 73
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse exits 2; the BIDS-Apps spec says 64
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (affinity mask), not the machine's total."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _fold(value: str) -> int | str:
+    return int(value) if value.isdigit() else value
+
+
+def _step(value: str) -> float:
+    step = float(value)
+    if not 0 < step <= 1:
+        raise argparse.ArgumentTypeError(f"step size must be in (0, 1], got {value}")
+    return step
+
+
+def _positive(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return n
+
+
+def _add_inference_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where the networks run (default: cpu)",
+    )
+    p.add_argument(
+        "--threads",
+        type=_positive,
+        default=None,
+        help="CPU threads for torch (default: the CPUs this process may use)",
+    )
+    p.add_argument(
+        "--no-tta",
+        action="store_true",
+        help="disable mirroring test-time augmentation (about 8x faster, less exact)",
+    )
+    p.add_argument(
+        "--step-size",
+        type=_step,
+        default=0.5,
+        help="sliding-window step as a fraction of the tile (default: 0.5)",
+    )
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="more messages (repeat for debug output)",
+    )
+
+
+def build_dlmuse_parser() -> argparse.ArgumentParser:
+    """Parser of the ``dlmuse`` command."""
+    parser = _Parser(prog="dlmuse", description="DLMUSE brain segmentation on NIfTI files.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    pred = sub.add_parser(
+        "predict",
+        help="run one nnU-Net v2 model on one image",
+        description="Run one nnU-Net v2 trained-model folder on one image with "
+        "nnU-Net's semantics (no reorientation); labels are the model's classes.",
+    )
+    pred.add_argument("input", type=Path, help="input NIfTI image")
+    pred.add_argument("output", type=Path, help="output label map (.nii.gz)")
+    pred.add_argument(
+        "--model",
+        type=Path,
+        required=True,
+        help="trained-model folder (holding plans.json, dataset.json, fold_K/)",
+    )
+    pred.add_argument(
+        "--folds",
+        nargs="+",
+        type=_fold,
+        default=None,
+        help="folds to average (default: every fold present)",
+    )
+    _add_inference_options(pred)
+
+    run = sub.add_parser(
+        "run",
+        help="the whole DLMUSE pipeline on T1w images",
+        description="DLICV + DLMUSE on T1w NIfTI files. Writes <name>_DLICV.nii.gz, "
+        "<name>_DLMUSE.nii.gz and <name>_DLMUSE_Volumes.csv per input and "
+        "DLMUSE_Volumes.csv for all, in NiChart_DLMUSE's layout.",
+    )
+    run.add_argument("inputs", nargs="+", type=Path, help="T1w images (.nii or .nii.gz)")
+    run.add_argument("-o", "--output-dir", type=Path, required=True, help="output directory")
+    run.add_argument(
+        "--model-dir",
+        type=Path,
+        default=None,
+        help="directory holding the DLICV and DLMUSE model folders "
+        "(default: $DLMUSE_MODEL_DIR, then the per-user cache)",
+    )
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="recompute images whose outputs already exist (default: keep them)",
+    )
+    _add_inference_options(run)
+    return parser
+
+
+def setup_logging(verbosity: int) -> None:
+    """Log to stderr; -v for info, -vv for debug."""
+    level = logging.WARNING - 10 * min(verbosity, 2)
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+
+
+def _options(args: argparse.Namespace):
+    from .nnunet.predictor import InferenceOptions
+
+    return InferenceOptions(
+        device=args.device,
+        threads=args.threads or available_cpus(),
+        tile_step_size=args.step_size,
+        use_mirroring=not args.no_tta,
+    )
+
+
+def _predictor(folder: Path, folds, options):
+    from .models import load_trained_model
+
+    model = load_trained_model(folder, folds)
+    logger.info("loaded %s (folds %s, sha256 %s)", folder, model.folds, model.sha256)
+    return model.predictor(options)
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from .io import InputImageError, load_t1w, make_label_image, save_nifti_atomic
+    from .models import ModelError
+
+    try:
+        predictor = _predictor(args.model, args.folds, _options(args))
+    except ModelError as exc:
+        print(f"dlmuse: {exc}", file=sys.stderr)
+        return EXIT_NO_INPUT
+    try:
+        img = load_t1w(args.input)
+    except InputImageError as exc:
+        print(f"dlmuse: {exc}", file=sys.stderr)
+        return EXIT_DATA if args.input.exists() else EXIT_NO_INPUT
+    labels = predictor.predict(img.get_fdata(dtype="float32"), img.header.get_zooms()[:3])
+    try:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        save_nifti_atomic(make_label_image(labels, img), args.output)
+    except OSError as exc:
+        print(f"dlmuse: {args.output}: cannot write ({exc.strerror or exc})", file=sys.stderr)
+        return EXIT_CANT_CREATE
+    return EXIT_OK
+
+
+_EXT = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)
+_T1_SUFFIX = re.compile(r"_T1w?$", re.IGNORECASE)
+
+
+def image_name(path: Path) -> str:
+    """File name without ``.nii``/``.nii.gz`` (the prefix of every output of this image)."""
+    return _EXT.sub("", path.name)
+
+
+def subject_id(path: Path) -> str:
+    """NiChart's MRID: the file name without extension and without a trailing ``_T1w``/``_T1``."""
+    return _T1_SUFFIX.sub("", image_name(path))
+
+
+@dataclass
+class _Outcome:
+    path: Path
+    mrid: str
+    ok: bool
+    message: str = ""
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .io import InputImageError, load_t1w, save_nifti_atomic
+    from .labels import nichart_volumes_row, write_nichart_csv
+    from .models import ModelError, find_model, model_search_dirs
+    from .pipeline import DLMUSEPipeline
+
+    out_dir: Path = args.output_dir
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".dlmuse-write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        print(
+            f"dlmuse: {out_dir}: output directory not writable ({exc.strerror or exc})",
+            file=sys.stderr,
+        )
+        return EXIT_CANT_CREATE
+
+    names: dict[str, Path] = {}
+    todo: list[Path] = []
+    outcomes: list[_Outcome] = []
+    for path in args.inputs:
+        name = image_name(path)
+        if name in names:
+            outcomes.append(
+                _Outcome(
+                    path,
+                    subject_id(path),
+                    False,
+                    f"{path}: same output name {name!r} as {names[name]}",
+                )
+            )
+            continue
+        names[name] = path
+        todo.append(path)
+
+    options = _options(args)
+    try:
+        dirs = model_search_dirs(args.model_dir, os.environ)
+        pipeline = DLMUSEPipeline(
+            _predictor(find_model("DLICV", dirs), None, options),
+            _predictor(find_model("DLMUSE", dirs), None, options),
+        )
+    except ModelError as exc:
+        print(f"dlmuse: {exc}", file=sys.stderr)
+        return EXIT_NO_INPUT
+
+    rows = []
+    for path in todo:
+        name, mrid = image_name(path), subject_id(path)
+        seg_path = out_dir / f"{name}_DLMUSE.nii.gz"
+        icv_path = out_dir / f"{name}_DLICV.nii.gz"
+        csv_path = out_dir / f"{name}_DLMUSE_Volumes.csv"
+        if not args.overwrite and all(p.exists() for p in (seg_path, icv_path, csv_path)):
+            import pandas as pd
+
+            logger.warning("%s: outputs exist, kept (use --overwrite to recompute)", path)
+            rows.append(pd.read_csv(csv_path).iloc[0].to_dict())
+            outcomes.append(_Outcome(path, mrid, True, "kept existing outputs"))
+            continue
+        start = time.perf_counter()
+        try:
+            img = load_t1w(path)
+            result = pipeline.run(img)
+        except InputImageError as exc:
+            outcomes.append(_Outcome(path, mrid, False, str(exc)))
+            print(f"dlmuse: {exc}", file=sys.stderr)
+            continue
+        except (ValueError, RuntimeError) as exc:
+            msg = f"{path}: segmentation failed ({exc})"
+            outcomes.append(_Outcome(path, mrid, False, msg))
+            print(f"dlmuse: {msg}", file=sys.stderr)
+            continue
+        row = nichart_volumes_row(mrid, result.volumes)
+        try:
+            save_nifti_atomic(result.icv_mask, icv_path)
+            save_nifti_atomic(result.labels, seg_path)
+            write_nichart_csv([row], csv_path)
+        except OSError as exc:
+            print(
+                f"dlmuse: {out_dir}: cannot write outputs of {path} ({exc.strerror or exc})",
+                file=sys.stderr,
+            )
+            return EXIT_CANT_CREATE
+        rows.append(row)
+        outcomes.append(_Outcome(path, mrid, True))
+        logger.info("%s: done in %.1f s", path, time.perf_counter() - start)
+
+    if rows:
+        try:
+            write_nichart_csv(rows, out_dir / "DLMUSE_Volumes.csv")
+        except OSError as exc:
+            print(
+                f"dlmuse: {out_dir}: cannot write DLMUSE_Volumes.csv ({exc.strerror or exc})",
+                file=sys.stderr,
+            )
+            return EXIT_CANT_CREATE
+    failed = [o for o in outcomes if not o.ok]
+    print(
+        f"dlmuse: {len(outcomes) - len(failed)} of {len(outcomes)} images segmented"
+        + (f"; failed: {', '.join(str(o.path) for o in failed)}" if failed else ""),
+        file=sys.stderr,
+    )
+    return EXIT_SOME_FAILED if failed else EXIT_OK
+
+
+def dlmuse_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``dlmuse``; returns the exit code."""
+    parser = build_dlmuse_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    if args.command == "predict":
+        return _cmd_predict(args)
+    return _cmd_run(args)

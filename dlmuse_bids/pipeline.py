@@ -1,0 +1,274 @@
+"""The DLMUSE pipeline for one T1w image, with NiChart_DLMUSE's semantics.
+
+1. reorient to LPS by axis flips/permutations (no resampling);
+2. DLICV -> intracranial mask, keeping the component NiChart's DLICV keeps;
+3. zero the image outside the mask and crop it around the mask's largest 6-connected component;
+4. DLMUSE on the crop, classes mapped to MUSE ids;
+5. paste back; ICV voxels with no region become label 1;
+6. back to the input's own voxel order, grid and header;
+7. volumes of every single and derived ROI.
+
+Where NiChart_DLMUSE 1.0.10 has a bug we do the right thing and say so here:
+
+* its crop drops the last slice of the padded box (``img[b_min:b_max]`` with an inclusive
+  ``b_max``); we keep it, so a crop is symmetric and never cuts the mask when the padding
+  rounds to zero;
+* it writes the cropped image with the uncropped affine; our crop carries a shifted affine.
+
+Neither changes a label: nnU-Net crops its input to the non-zero voxels anyway.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import nibabel as nib
+import numpy as np
+from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
+from scipy import ndimage
+
+from .io import make_label_image
+from .labels import class_to_muse_lut, derived_roi_volumes, single_roi_volumes, voxel_volume_mm3
+from .nnunet.predictor import PredictionInfo, Predictor
+
+logger = logging.getLogger(__name__)
+
+#: Components of the DLICV mask smaller than this (voxels) are never the ICV (as DLICV 1.0.6).
+MIN_ICV_COMPONENT_VOXELS = 200_000
+#: Crop padding around the ICV mask, as a fraction of the mask's extent on each axis.
+CROP_PAD_FRACTION = 0.10
+#: Label for intracranial voxels that DLMUSE left unlabelled (mostly cortical CSF).
+RESIDUAL_ICV_LABEL = 1
+REFERENCE_ORIENTATION = "LPS"
+
+_SIX_CONNECTED = ndimage.generate_binary_structure(3, 1)
+
+
+@dataclass
+class ComponentSelection:
+    """How the ICV component was chosen from the raw DLICV mask (DLICV 1.0.6's rule)."""
+
+    outcome: str  # "single", "largest-roundest", "no-large-component", "empty"
+    n_components: int
+    large_sizes: list[int]
+    large_roundness: list[float]
+    kept_voxels: int
+
+
+@dataclass
+class PipelineResult:
+    """Everything the pipeline produced for one image."""
+
+    labels: nib.Nifti1Image  # MUSE ids, input grid, uint8
+    icv_mask: nib.Nifti1Image  # 0/1, input grid, uint8
+    single_volumes: dict[int, float]
+    volumes: dict[int, float]  # every ROI of the volumes table, in its order
+    selection: ComponentSelection
+    crop_box_lps: tuple[tuple[int, int], ...]
+    source_orientation: str
+    seconds: dict[str, float] = field(default_factory=dict)
+    predictions: dict[str, PredictionInfo] = field(default_factory=dict)
+
+
+# -- geometry -------------------------------------------------------------------------------
+def to_reference_orientation(
+    img: nib.Nifti1Image, codes: str = REFERENCE_ORIENTATION
+) -> tuple[nib.Nifti1Image, np.ndarray]:
+    """Reorient ``img`` to ``codes`` by flips/permutations; return it and its source orientation.
+
+    Returns the reoriented image and the source orientation (nibabel ``ornt`` array).
+    """
+    source = io_orientation(img.affine)
+    return img.as_reoriented(ornt_transform(source, axcodes2ornt(codes))), source
+
+
+def from_reference_orientation(
+    data: np.ndarray, source: np.ndarray, codes: str = REFERENCE_ORIENTATION
+) -> np.ndarray:
+    """Put a voxel array in ``codes`` orientation back into the source orientation."""
+    back = ornt_transform(axcodes2ornt(codes), source)
+    return np.ascontiguousarray(apply_orientation(data, back))
+
+
+def crop_box(
+    mask: np.ndarray, pad_fraction: float = CROP_PAD_FRACTION
+) -> tuple[tuple[int, int], ...]:
+    """Half-open box around the mask's largest 6-connected component, padded and clipped.
+
+    The padding on each side is ``round(pad_fraction * (last - first))`` voxels (NiChart's rule,
+    numpy rounding), clipped to the image.
+    """
+    labelled, n = ndimage.label(mask, _SIX_CONNECTED)
+    if n == 0:
+        raise ValueError("the intracranial mask is empty")
+    sizes = np.bincount(labelled.ravel())
+    sizes[0] = 0
+    largest = labelled == int(np.argmax(sizes))
+    box = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        hits = np.flatnonzero(np.any(largest, axis=other))
+        first, last = int(hits[0]), int(hits[-1])
+        pad = int(np.round((last - first) * pad_fraction))
+        box.append((max(0, first - pad), min(mask.shape[axis], last + pad + 1)))
+    return tuple(box)
+
+
+# -- DLICV component selection ----------------------------------------------------------------
+# Crofton weights of ITK's 3-D perimeter estimate: Voronoi areas on the unit sphere of the 13
+# lattice directions (axes, face diagonals, body diagonals). ITK uses them for any spacing.
+_CROFTON = {1: 0.04577789120476 * 2, 2: 0.03698062787608 * 2, 3: 0.03519563978232 * 2}
+
+
+def itk_roundness(component: np.ndarray, spacing: tuple[float, float, float]) -> float:
+    """Roundness of a binary object as SimpleITK's ``LabelShapeStatisticsImageFilter`` gives it.
+
+    Roundness is the surface of the sphere of equal volume over the object's surface, the
+    surface being ITK's intercept-count (Crofton) estimate along the 13 lattice directions.
+    ``component`` axes must be in ITK index order (NIfTI voxel order).
+    """
+    obj = np.pad(component.astype(bool), 1)
+    spacing_arr = np.asarray(spacing, dtype=float)
+    vol = float(np.prod(spacing_arr))
+    surface = 0.0
+    for d in np.ndindex(3, 3, 3):
+        off = np.array(d) - 1
+        if not off.any() or tuple(off[off != 0][:1]) != (1,):
+            continue  # one of each +/- pair: the first non-zero component is +1
+        shifted = obj[tuple(slice(max(o, 0), obj.shape[i] + min(o, 0)) for i, o in enumerate(off))]
+        base = obj[tuple(slice(max(-o, 0), obj.shape[i] + min(-o, 0)) for i, o in enumerate(off))]
+        crossings = int(np.count_nonzero(base ^ shifted))
+        # crossings counts both directions along this line family, i.e. ITK's two intercepts
+        length = float(np.sqrt(np.sum((off * spacing_arr) ** 2)))
+        surface += vol / length * crossings / 2.0 * _CROFTON[int(np.abs(off).sum())]
+    surface *= 4
+    volume = float(np.count_nonzero(component)) * vol
+    radius = (3 * volume / (4 * np.pi)) ** (1 / 3)
+    return float(4 * np.pi * radius**2 / surface) if surface > 0 else 0.0
+
+
+def select_icv_component(
+    mask: np.ndarray, spacing: tuple[float, float, float]
+) -> tuple[np.ndarray, ComponentSelection]:
+    """Keep the intracranial component of a raw DLICV mask, as DLICV 1.0.6 does.
+
+    Components (6-connected) over :data:`MIN_ICV_COMPONENT_VOXELS` are candidates. One: keep it.
+    Several: keep those within 3 SD of the mean candidate size, then of the two largest the one
+    with the higher ITK roundness. None: keep the mask as it is.
+    """
+    labelled, n = ndimage.label(mask > 0, _SIX_CONNECTED)
+    if n == 0:
+        return mask.astype(np.uint8), ComponentSelection("empty", 0, [], [], 0)
+    sizes = np.bincount(labelled.ravel())
+    large = [(int(sizes[i]), i) for i in range(1, n + 1) if sizes[i] > MIN_ICV_COMPONENT_VOXELS]
+    if not large:
+        kept = mask.astype(np.uint8)
+        return kept, ComponentSelection("no-large-component", n, [], [], int(kept.sum()))
+    if len(large) == 1:
+        size, lab = large[0]
+        return (
+            (labelled == lab).astype(np.uint8),
+            ComponentSelection("single", n, [size], [], size),
+        )
+    # stable sorts, as Python's, so equal sizes keep label order
+    large.sort(key=lambda t: t[0], reverse=True)
+    values = np.array([s for s, _ in large], dtype=float)
+    mean, sd = values.mean(), values.std()
+    kept_list = [t for t in large if mean - 3 * sd < t[0] < mean + 3 * sd][:2]
+    roundness = {lab: itk_roundness(labelled == lab, spacing) for _, lab in kept_list}
+    kept_list.sort(key=lambda t: roundness[t[1]], reverse=True)
+    size, lab = kept_list[0]
+    return (
+        (labelled == lab).astype(np.uint8),
+        ComponentSelection(
+            "largest-roundest",
+            n,
+            [s for s, _ in large],
+            [roundness.get(lb, float("nan")) for _, lb in large],
+            size,
+        ),
+    )
+
+
+# -- the pipeline -----------------------------------------------------------------------------
+class DLMUSEPipeline:
+    """DLICV then DLMUSE on one T1w image; the models are loaded once and reused."""
+
+    def __init__(self, dlicv: Predictor, dlmuse: Predictor) -> None:
+        if dlicv.config.num_classes != 2:
+            raise ValueError(
+                f"the DLICV model must have 2 classes, not {dlicv.config.num_classes}"
+            )
+        lut = class_to_muse_lut()
+        if dlmuse.config.num_classes != len(lut):
+            raise ValueError(
+                f"the DLMUSE model must have {len(lut)} classes, not {dlmuse.config.num_classes}"
+            )
+        self.dlicv = dlicv
+        self.dlmuse = dlmuse
+        self.lut = lut
+
+    def run(self, img: nib.Nifti1Image) -> PipelineResult:
+        """Segment one validated 3-D T1w image (see :func:`dlmuse_bids.io.load_t1w`)."""
+        seconds: dict[str, float] = {}
+        t = time.perf_counter()
+
+        def lap(name: str) -> None:
+            nonlocal t
+            now = time.perf_counter()
+            seconds[name] = now - t
+            t = now
+
+        source_orientation = "".join(nib.aff2axcodes(img.affine))
+        lps, source_ornt = to_reference_orientation(img)
+        data = np.asarray(lps.dataobj, dtype=np.float32)
+        zooms = tuple(float(z) for z in lps.header.get_zooms()[:3])
+        lap("reorient")
+
+        icv_info = PredictionInfo()
+        raw_mask = self.dlicv.predict(data, zooms, icv_info)
+        lap("dlicv")
+        mask, selection = select_icv_component(raw_mask, zooms)
+        if not mask.any():
+            raise ValueError("DLICV found no intracranial voxels")
+        box = crop_box(mask)
+        crop = tuple(slice(a, b) for a, b in box)
+        masked = np.where(mask[crop] > 0, data[crop], np.float32(0))
+        lap("mask_crop")
+
+        muse_info = PredictionInfo()
+        classes = self.dlmuse.predict(masked, zooms, muse_info)
+        lap("dlmuse")
+
+        labels = np.zeros(mask.shape, dtype=np.uint8)
+        labels[crop] = self.lut[classes]
+        labels[(labels == 0) & (mask > 0)] = RESIDUAL_ICV_LABEL
+        native_labels = from_reference_orientation(labels, source_ornt)
+        native_mask = from_reference_orientation(mask, source_ornt)
+        label_img = make_label_image(native_labels, img)
+        mask_img = make_label_image(native_mask, img)
+        lap("relabel_paste")
+
+        single = single_roi_volumes(native_labels, voxel_volume_mm3(img.header.get_zooms()[:3]))
+        volumes = derived_roi_volumes(single)
+        lap("volumes")
+        logger.info(
+            "segmented %s image %s: ICV %.0f mL, component rule %s",
+            source_orientation,
+            img.shape,
+            volumes.get(702, 0.0) / 1000,
+            selection.outcome,
+        )
+        return PipelineResult(
+            labels=label_img,
+            icv_mask=mask_img,
+            single_volumes=single,
+            volumes=volumes,
+            selection=selection,
+            crop_box_lps=box,
+            source_orientation=source_orientation,
+            seconds=seconds,
+            predictions={"DLICV": icv_info, "DLMUSE": muse_info},
+        )
