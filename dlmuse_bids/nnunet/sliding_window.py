@@ -153,6 +153,7 @@ def sliding_window_logits(
     logits = torch.zeros((num_classes, *data.shape[1:]), dtype=torch.half, device=results_device)
     weights = torch.zeros(data.shape[1:], dtype=torch.half, device=results_device)
     gaussian = gaussian_importance(tile_size, results_device)
+    gaussian_f32 = gaussian.float()
     autocast = torch.autocast(device.type, enabled=True) if device.type == "cuda" else None
     for sl in slicers:
         tile = torch.clone(
@@ -164,8 +165,11 @@ def sliding_window_logits(
         else:
             prediction = predict_tile(network, tile, mirror_axes)[0]
         prediction = prediction.to(results_device)
-        prediction *= gaussian
-        logits[(slice(None), *sl)] += prediction
+        # the same arithmetic as nnU-Net's `prediction *= gaussian; logits[sl] += prediction`
+        # (fp32 products, one rounding to fp16 per add), without mixed-dtype kernels
+        prediction *= gaussian_f32
+        view = logits[(slice(None), *sl)]
+        view.copy_(view.float().add_(prediction))
         weights[sl] += gaussian
     torch.div(logits, weights, out=logits)
     if torch.isinf(logits).any():

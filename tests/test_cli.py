@@ -1,0 +1,188 @@
+"""The ``dlmuse`` command: outputs, NiChart's CSV layout, bad input, exit codes, equivariance."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from dlmuse_bids.cli import dlmuse_main, image_name, subject_id
+from dlmuse_bids.labels import nichart_columns
+from tests.conftest import synthetic_head
+from tests.support.paths import DLMUSE_DATASET, TRAINED_MODEL_SUBDIR
+
+
+def _run(*args: str | Path) -> int:
+    return dlmuse_main([str(a) for a in args])
+
+
+def test_names_and_subject_ids():
+    assert subject_id(Path("sub-01_T1w.nii.gz")) == "sub-01"
+    assert subject_id(Path("/x/Subj1_T1.nii")) == "Subj1"
+    assert subject_id(Path("a_T1w_run-1.nii.gz")) == "a_T1w_run-1"
+    assert image_name(Path("sub-01_T1w.nii.gz")) == "sub-01_T1w"
+
+
+def test_usage_errors_exit_64(capsys):
+    with pytest.raises(SystemExit) as err:
+        dlmuse_main(["run", "--bogus"])
+    assert err.value.code == 64
+    with pytest.raises(SystemExit) as err:
+        dlmuse_main(["predict", "a.nii", "b.nii", "--model", "m", "--step-size", "2"])
+    assert err.value.code == 64
+
+
+def test_missing_models_exit_66(head_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("DLMUSE_MODEL_DIR", raising=False)
+    code = _run("run", head_file, "-o", tmp_path / "out", "--model-dir", tmp_path / "none")
+    err = capsys.readouterr().err
+    assert code == 66
+    assert str(tmp_path / "none") in err and str(tmp_path / "cache") in err
+
+
+def test_run_writes_nichart_outputs_and_survives_bad_inputs(
+    tiny_models, head_file, tmp_path, capsys
+):
+    indir = head_file.parent
+    second = indir / "Subj2_T1.nii"
+    nib.save(synthetic_head(seed=1), second)
+    bad = {
+        "missing": indir / "gone_T1w.nii.gz",
+        "text": indir / "notes_T1w.nii.gz",
+        "truncated": indir / "cut_T1w.nii.gz",
+        "2d": indir / "flat_T1w.nii.gz",
+        "4d": indir / "multi_T1w.nii.gz",
+        "zeros": indir / "zeros_T1w.nii.gz",
+        "nan": indir / "nan_T1w.nii.gz",
+    }
+    bad["text"].write_bytes(gzip.compress(b"not an image"))
+    bad["truncated"].write_bytes(head_file.read_bytes()[:5000])
+    nib.save(nib.Nifti1Image(np.ones((40, 40), np.float32), np.eye(4)), bad["2d"])
+    nib.save(nib.Nifti1Image(np.ones((40, 40, 40, 2), np.float32), np.eye(4)), bad["4d"])
+    nib.save(nib.Nifti1Image(np.zeros((40, 40, 40), np.float32), np.eye(4)), bad["zeros"])
+    nan = np.asarray(synthetic_head().dataobj).copy()
+    nan[10, 10, 10] = np.nan
+    nib.save(nib.Nifti1Image(nan, np.eye(4)), bad["nan"])
+    out = tmp_path / "out"
+    code = _run(
+        "run",
+        head_file,
+        *bad.values(),
+        second,
+        "-o",
+        out,
+        "--model-dir",
+        tiny_models,
+        "--no-tta",
+        "--threads",
+        "2",
+    )
+    err = capsys.readouterr().err
+    assert code == 1
+    for path in bad.values():
+        lines = [line for line in err.splitlines() if str(path) in line and "failed:" not in line]
+        assert len(lines) == 1, (path, err)
+    for name, mrid in (("sub-01_T1w", "sub-01"), ("Subj2_T1", "Subj2")):
+        src = nib.load(indir / (name + (".nii.gz" if name.startswith("sub") else ".nii")))
+        for suffix in ("_DLICV.nii.gz", "_DLMUSE.nii.gz"):
+            img = nib.load(out / f"{name}{suffix}")
+            assert img.shape == src.shape and img.get_data_dtype() == np.uint8
+            np.testing.assert_array_equal(img.affine, src.affine)
+        per = pd.read_csv(out / f"{name}_DLMUSE_Volumes.csv")
+        assert list(per.columns) == nichart_columns() and per["MRID"].tolist() == [mrid]
+        labels = np.asarray(nib.load(out / f"{name}_DLMUSE.nii.gz").dataobj)
+        assert per["DL_MUSE_Volume_4"].iloc[0] == np.count_nonzero(labels == 4) * 8.0
+    combined = pd.read_csv(out / "DLMUSE_Volumes.csv")
+    assert combined["MRID"].tolist() == ["sub-01", "Subj2"]
+    assert list(combined.columns) == nichart_columns()
+    assert not any(p.name.startswith(".") for p in out.iterdir())  # no temp files left
+
+
+def test_existing_outputs_are_kept(tiny_models, head_file, tmp_path):
+    out = tmp_path / "out"
+    args = ("run", head_file, "-o", out, "--model-dir", tiny_models, "--no-tta")
+    assert _run(*args) == 0
+    seg = out / "sub-01_T1w_DLMUSE.nii.gz"
+    os.utime(seg, (1_000_000_000, 1_000_000_000))
+    assert _run(*args) == 0
+    assert seg.stat().st_mtime == 1_000_000_000
+    assert pd.read_csv(out / "DLMUSE_Volumes.csv")["MRID"].tolist() == ["sub-01"]
+    assert _run(*args, "--overwrite") == 0
+    assert seg.stat().st_mtime != 1_000_000_000
+
+
+def _reoriented(img: nib.Nifti1Image, perm, flips) -> nib.Nifti1Image:
+    """The same image stored with permuted/flipped voxel axes, affine updated to match."""
+    data = np.asarray(img.dataobj).transpose(perm)
+    affine = img.affine[:, [*perm, 3]].copy()
+    for axis in flips:
+        data = np.flip(data, axis)
+        flip = np.eye(4)
+        flip[axis, axis] = -1
+        flip[axis, 3] = data.shape[axis] - 1
+        affine = affine @ flip
+    out = nib.Nifti1Image(np.ascontiguousarray(data), affine)
+    out.set_qform(affine, 1)
+    out.set_sform(affine, 1)
+    return out
+
+
+def _world_labels(path: Path, reference: nib.Nifti1Image) -> np.ndarray:
+    """Labels resampled (nearest, exact for axis permutations) onto the reference grid."""
+    img = nib.load(path)
+    vox = np.linalg.inv(img.affine) @ reference.affine
+    ijk = np.indices(reference.shape).reshape(3, -1)
+    idx = np.rint(vox[:3, :3] @ ijk + vox[:3, 3:]).astype(int)
+    return np.asarray(img.dataobj)[tuple(idx)].reshape(reference.shape)
+
+
+def test_labels_are_equivariant_in_physical_space(tiny_models, head_file, tmp_path):
+    base = nib.load(head_file)
+    variants = {"ras": ((0, 1, 2), ()), "psr": ((1, 2, 0), (0, 2)), "lia": ((0, 2, 1), (0, 1))}
+    indir = tmp_path / "variants"
+    indir.mkdir()
+    for name, (perm, flips) in variants.items():
+        nib.save(_reoriented(base, perm, flips), indir / f"{name}_T1w.nii.gz")
+    out = tmp_path / "out"
+    assert (
+        _run("run", *sorted(indir.iterdir()), "-o", out, "--model-dir", tiny_models, "--no-tta")
+        == 0
+    )
+    ras = _world_labels(out / "ras_T1w_DLMUSE.nii.gz", base)
+    assert np.count_nonzero(ras) > 1000
+    for name in ("psr", "lia"):
+        np.testing.assert_array_equal(_world_labels(out / f"{name}_T1w_DLMUSE.nii.gz", base), ras)
+        np.testing.assert_array_equal(
+            _world_labels(out / f"{name}_T1w_DLICV.nii.gz", base),
+            _world_labels(out / "ras_T1w_DLICV.nii.gz", base),
+        )
+    volumes = pd.read_csv(out / "DLMUSE_Volumes.csv").set_index("MRID")
+    assert (volumes.loc["psr"] == volumes.loc["ras"]).all()
+
+
+def test_predict_one_model(tiny_models, head_file, tmp_path):
+    model = tiny_models / DLMUSE_DATASET / TRAINED_MODEL_SUBDIR
+    out = tmp_path / "pred.nii.gz"
+    assert _run("predict", "--model", model, head_file, out, "--no-tta", "--folds", "0") == 0
+    img = nib.load(out)
+    assert img.shape == nib.load(head_file).shape
+    assert np.asarray(img.dataobj).max() <= 151
+    assert _run("predict", "--model", model, tmp_path / "missing.nii.gz", out) == 66
+
+
+def test_console_script_runs():
+    result = subprocess.run(
+        [sys.executable, "-m", "dlmuse_bids", "--version"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0 and "dlmuse" in result.stdout

@@ -1,0 +1,313 @@
+"""The nnU-Net-compatible engine, piece by piece, against nnunetv2's own functions."""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from dlmuse_bids.nnunet.network import build_network
+from dlmuse_bids.nnunet.plans import PlansError, ResamplingSpec, parse_plans
+from dlmuse_bids.nnunet.preprocessing import (
+    compute_new_shape,
+    nonzero_bbox,
+    resample_data,
+    resampled_channels,
+    separate_z_axis,
+    streaming_argmax,
+    zscore,
+)
+from dlmuse_bids.nnunet.sliding_window import (
+    compute_steps,
+    gaussian_importance,
+    mirror_combinations,
+    pad_to_tile,
+)
+from tests.support.paths import DLICV_PLANS_SOURCE, DLMUSE_PLANS_SOURCE, OFFICIAL_MODELS_DIR
+
+nnunetv2 = pytest.importorskip("nnunetv2", reason="nnunetv2 (the reference engine) not installed")
+needs_shared = pytest.mark.skipif(
+    not OFFICIAL_MODELS_DIR.is_dir(), reason=f"official plans not found at {OFFICIAL_MODELS_DIR}"
+)
+SOURCES = [DLICV_PLANS_SOURCE, DLMUSE_PLANS_SOURCE]
+
+
+def _load(source):
+    return (
+        json.loads((source / "plans.json").read_text()),
+        json.loads((source / "dataset.json").read_text()),
+    )
+
+
+def _reference_network(plans, num_classes):
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cm = PlansManager(copy.deepcopy(plans)).get_configuration("3d_fullres")
+    return cm, get_network_from_plans(
+        cm.network_arch_class_name,
+        cm.network_arch_init_kwargs,
+        cm.network_arch_init_kwargs_req_import,
+        1,
+        num_classes,
+        allow_init=True,
+        deep_supervision=False,
+    )
+
+
+@needs_shared
+@pytest.mark.parametrize("source", SOURCES, ids=lambda s: s.name)
+def test_official_plans_build_the_reference_network(source):
+    plans, dataset = _load(source)
+    config = parse_plans(plans, dataset)
+    assert config.reader == "SimpleITKIO" and config.axes_reversed
+    torch.manual_seed(0)
+    cm, ref = _reference_network(plans, config.num_classes)
+    ours = build_network(config.architecture, 1, config.num_classes)
+    ref_sd = ref.state_dict()
+    assert set(ours.state_dict()) == set(ref_sd)
+    ours.load_state_dict(ref_sd, strict=True)
+    ref.eval()
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(ours(x), ref(x))
+    assert list(config.patch_size) == list(cm.patch_size)
+    assert list(config.spacing) == list(cm.spacing)
+
+
+@needs_shared
+def test_current_architecture_form_parses_like_legacy():
+    from tests.support.models import legacy_to_architecture
+
+    plans, dataset = _load(DLMUSE_PLANS_SOURCE)
+    legacy = parse_plans(plans, dataset)
+    current_plans = copy.deepcopy(plans)
+    cfg = current_plans["configurations"]["3d_fullres"]
+    current_plans["configurations"]["3d_fullres"] = legacy_to_architecture(cfg)
+    assert "architecture" in current_plans["configurations"]["3d_fullres"]
+    assert parse_plans(current_plans, dataset).architecture == legacy.architecture
+
+
+@needs_shared
+def test_unsupported_plans_are_refused():
+    plans, dataset = _load(DLICV_PLANS_SOURCE)
+    bad = copy.deepcopy(plans)
+    bad["configurations"]["3d_fullres"]["UNet_class_name"] = "SwinUNETR"
+    with pytest.raises(PlansError, match="SwinUNETR"):
+        parse_plans(bad, dataset)
+    bad = copy.deepcopy(plans)
+    bad["image_reader_writer"] = "Tiff3DIO"
+    with pytest.raises(PlansError, match="Tiff3DIO"):
+        parse_plans(bad, dataset)
+    with pytest.raises(PlansError, match="2d_foo"):
+        parse_plans(plans, dataset, "2d_foo")
+
+
+def test_residual_encoder_unet_matches_reference():
+    from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
+
+    arch = {
+        "network_class_name": "dynamic_network_architectures.architectures.unet."
+        "ResidualEncoderUNet",
+        "arch_kwargs": {
+            "n_stages": 3,
+            "features_per_stage": [4, 8, 16],
+            "conv_op": "torch.nn.modules.conv.Conv3d",
+            "kernel_sizes": [[3, 3, 3]] * 3,
+            "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 1]],
+            "n_blocks_per_stage": [1, 2, 2],
+            "n_conv_per_stage_decoder": [1, 1],
+            "conv_bias": True,
+            "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+            "norm_op_kwargs": {"eps": 1e-5, "affine": True},
+            "dropout_op": None,
+            "dropout_op_kwargs": None,
+            "nonlin": "torch.nn.LeakyReLU",
+            "nonlin_kwargs": {"inplace": True},
+        },
+        "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
+    }
+    plans = {
+        "dataset_name": "x",
+        "image_reader_writer": "NibabelIO",
+        "transpose_forward": [0, 1, 2],
+        "transpose_backward": [0, 1, 2],
+        "configurations": {
+            "3d_fullres": {
+                "patch_size": [32, 32, 32],
+                "spacing": [1, 1, 1],
+                "normalization_schemes": ["ZScoreNormalization"],
+                "use_mask_for_norm": [False],
+                "architecture": arch,
+            }
+        },
+    }
+    dataset = {"channel_names": {"0": "T1"}, "labels": {"background": 0, "a": 1, "b": 2}}
+    config = parse_plans(plans, dataset)
+    torch.manual_seed(0)
+    ref = ResidualEncoderUNet(
+        1,
+        3,
+        [4, 8, 16],
+        torch.nn.Conv3d,
+        3,
+        [[1, 1, 1], [2, 2, 2], [2, 2, 1]],
+        [1, 2, 2],
+        3,
+        [1, 1],
+        True,
+        torch.nn.InstanceNorm3d,
+        {"eps": 1e-5, "affine": True},
+        None,
+        None,
+        torch.nn.LeakyReLU,
+        {"inplace": True},
+    ).eval()
+    ours = build_network(config.architecture, 1, 3)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(ours(x), ref(x), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "size,tile,step",
+    [
+        ((160, 200, 150), (112, 128, 96), 0.5),
+        ((112, 128, 96), (112, 128, 96), 0.5),
+        ((300, 129, 113), (160, 128, 112), 0.5),
+        ((300, 129, 200), (160, 128, 96), 0.3),
+        ((257, 255, 254), (160, 128, 112), 1.0),
+    ],
+)
+def test_sliding_window_steps_match(size, tile, step):
+    from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
+
+    assert compute_steps(size, tile, step) == compute_steps_for_sliding_window(size, tile, step)
+
+
+@pytest.mark.parametrize("tile", [(112, 128, 96), (160, 128, 112), (20, 17, 9)])
+def test_gaussian_matches(tile):
+    from nnunetv2.inference.sliding_window_prediction import compute_gaussian
+
+    ref = compute_gaussian(
+        tile, sigma_scale=1.0 / 8, value_scaling_factor=10, device=torch.device("cpu")
+    )
+    ours = gaussian_importance(tile, torch.device("cpu"))
+    assert ours.dtype == ref.dtype == torch.float16
+    assert torch.equal(ours, ref)
+
+
+def test_padding_matches():
+    from acvl_utils.cropping_and_padding.padding import pad_nd_image
+
+    x = torch.randn(1, 50, 130, 90)
+    ref, ref_slicer = pad_nd_image(x, (112, 128, 96), "constant", {"value": 0}, True, None)
+    ours, undo = pad_to_tile(x, (112, 128, 96))
+    assert torch.equal(ours, ref)
+    assert torch.equal(ours[undo], x)
+
+
+def test_mirror_combinations_order():
+    assert mirror_combinations((0, 1, 2)) == [(2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)]
+
+
+def test_nonzero_crop_and_zscore_match():
+    from nnunetv2.preprocessing.cropping.cropping import crop_to_nonzero
+    from nnunetv2.preprocessing.normalization.default_normalization_schemes import (
+        ZScoreNormalization,
+    )
+
+    rng = np.random.default_rng(0)
+    data = np.zeros((1, 40, 50, 45), np.float32)
+    data[0, 5:30, 10:45, 3:40] = rng.random((25, 35, 37), dtype=np.float32) * 100
+    data[0, 15:18, 20:22, 10:12] = 0  # a hole: filled in the mask, normalised too
+    ref_data, ref_seg, ref_bbox = crop_to_nonzero(data.copy())
+    bbox, mask = nonzero_bbox(data)
+    assert [list(b) for b in bbox] == [list(b) for b in ref_bbox]
+    ours = data[(slice(None), *[slice(a, b) for a, b in bbox])].copy()
+    np.testing.assert_array_equal(mask[tuple(slice(a, b) for a, b in bbox)], ref_seg[0] >= 0)
+    for use_mask in (True, False):
+        ref = ZScoreNormalization(use_mask, {}).run(ref_data[0].copy(), ref_seg[0])
+        got = zscore(
+            ours[0].copy(), mask[tuple(slice(a, b) for a, b in bbox)] if use_mask else None
+        )
+        np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.parametrize(
+    "spacing,target",
+    [
+        ((0.868, 0.868, 1.0), (1.0, 1.0, 1.0)),
+        ((1.2, 0.9, 0.9), (1.0, 1.0, 1.0)),
+        ((3.0, 0.9, 0.9), (1.0, 1.0, 1.0)),  # separate z
+        ((1.0, 1.0, 1.0), (1.0, 1.0, 1.0)),
+    ],
+)
+def test_resampling_matches(spacing, target):
+    from nnunetv2.preprocessing.resampling.default_resampling import (
+        compute_new_shape as ref_new_shape,
+    )
+    from nnunetv2.preprocessing.resampling.default_resampling import (
+        resample_data_or_seg_to_shape,
+    )
+
+    rng = np.random.default_rng(1)
+    data = rng.normal(size=(1, 23, 31, 27)).astype(np.float32)
+    shape = compute_new_shape(data.shape[1:], spacing, target)
+    assert list(shape) == list(ref_new_shape(data.shape[1:], spacing, target))
+    ref = resample_data_or_seg_to_shape(
+        data.copy(),
+        shape,
+        spacing,
+        target,
+        is_seg=False,
+        order=3,
+        order_z=0,
+        force_separate_z=None,
+    )
+    ours = resample_data(data.copy(), shape, spacing, target, ResamplingSpec(3, 0, None))
+    assert ours.dtype == ref.dtype
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5)
+    # export path: float16 logits back to the original grid, then argmax
+    logits = torch.from_numpy(rng.normal(size=(5, *shape)).astype(np.float16))
+    ref_back = resample_data_or_seg_to_shape(
+        logits,
+        data.shape[1:],
+        target,
+        spacing,
+        is_seg=False,
+        order=1,
+        order_z=0,
+        force_separate_z=None,
+    )
+    chans = list(
+        resampled_channels(
+            logits.numpy(), data.shape[1:], target, spacing, ResamplingSpec(1, 0, None)
+        )
+    )
+    np.testing.assert_array_equal(np.stack(chans), ref_back)
+    np.testing.assert_array_equal(
+        streaming_argmax(iter(chans)), torch.from_numpy(np.asarray(ref_back)).argmax(0).numpy()
+    )
+
+
+def test_separate_z_rule():
+    spec = ResamplingSpec(3, 0, None)
+    assert separate_z_axis(spec, (1, 1, 3.5), (1, 1, 1)) == 2
+    assert separate_z_axis(spec, (1, 1, 1), (1, 4, 1)) == 1
+    assert separate_z_axis(spec, (1, 1, 1.2), (1, 1, 1)) is None
+    assert separate_z_axis(spec, (3.5, 3.5, 1), (1, 1, 1)) is None  # two low-res axes
+    assert separate_z_axis(ResamplingSpec(3, 0, False), (1, 1, 3.5), (1, 1, 1)) is None
+
+
+def test_streaming_argmax_ties_take_the_first():
+    a = np.array([[1.0, 2.0, 2.0]])
+    b = np.array([[1.0, 3.0, 2.0]])
+    assert streaming_argmax(iter([a, b])).tolist() == [[0, 1, 0]]
