@@ -13,9 +13,14 @@ Where NiChart_DLMUSE 1.0.10 has a bug we do the right thing and say so here:
 * its crop drops the last slice of the padded box (``img[b_min:b_max]`` with an inclusive
   ``b_max``); we keep it, so a crop is symmetric and never cuts the mask when the padding
   rounds to zero;
-* it writes the cropped image with the uncropped affine; our crop carries a shifted affine.
+* it writes the cropped image with the uncropped affine; our crop carries a shifted affine;
+* it masks in float64 and saves with the input's integer data type, so nibabel rescales the
+  intensities (a uint8 scan whose brain peaks at 183 is re-quantised in steps of 183/255) and
+  DLMUSE sees values up to half a step off; we pass DLMUSE the scan's own values.
 
-Neither changes a label: nnU-Net crops its input to the non-zero voxels anyway.
+The first two never change a label (nnU-Net crops its input to the non-zero voxels anyway); the
+third does wherever the network is sensitive to small intensity changes. On float images the two
+pipelines see the same input.
 """
 
 from __future__ import annotations

@@ -158,9 +158,15 @@ def test_pipeline_matches_nichart_dlmuse(narrow_models, tmp_path):
 
     if not nichart_available():
         pytest.skip("NiChart_DLMUSE/DLICV/DLMUSE (the reference pipeline) not installed")
+    # float32 copy of the uint8 scan (same values): NiChart re-quantises integer images when it
+    # masks them (see test_pipeline.py::test_nichart_masking_requantises_integer_images), which
+    # would feed its DLMUSE different intensities; a float image keeps it exact.
+    src = nib.load(T1W / "sub-otsu_T1w.nii.gz")
     head = tmp_path / "in" / "sub-otsu_T1w.nii.gz"
     head.parent.mkdir()
-    head.write_bytes((T1W / "sub-otsu_T1w.nii.gz").read_bytes())
+    as_float = nib.Nifti1Image(np.asarray(src.dataobj).astype(np.float32), src.affine, src.header)
+    as_float.set_data_dtype(np.float32)
+    nib.save(as_float, head)
     ref_dir = run_nichart(narrow_models, [head], tmp_path / "nichart", disable_tta=True)
     ours = tmp_path / "ours"
     assert (

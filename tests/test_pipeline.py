@@ -59,6 +59,29 @@ def test_crop_box_matches_nichart_except_the_last_slice():
             assert b == (rb if rb == mask.shape[axis] else rb + 1)
 
 
+def test_nichart_masking_requantises_integer_images(tmp_path):
+    """NiChart's mask step writes float64 data with the uint8 header: nibabel rescales it, so
+    DLMUSE sees intensities off by up to half a new quantisation step. We mask exactly."""
+    mask_image = _nichart_mask_module()
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 256, (40, 40, 40)).astype(np.uint8)
+    mask = np.zeros(data.shape, np.uint8)
+    mask[8:30, 6:33, 10:31] = 1
+    data[mask > 0] = np.minimum(data[mask > 0], 180)  # brighter voxels only outside the mask
+    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "t1.nii.gz")
+    nib.save(nib.Nifti1Image(mask, np.eye(4)), tmp_path / "mask.nii.gz")
+    mask_image.mask_img(str(tmp_path / "t1.nii.gz"), str(tmp_path / "mask.nii.gz"),
+                        str(tmp_path / "nichart.nii.gz"))
+    box = crop_box(mask)
+    nichart_box = tuple(slice(a, b - 1) for a, b in box)  # NiChart's crop is one slice short
+    theirs = nib.load(tmp_path / "nichart.nii.gz").get_fdata()
+    exact = np.where(mask > 0, data, 0).astype(float)[nichart_box]
+    assert theirs.shape == exact.shape
+    assert np.abs(theirs - exact).max() > 0.1  # NiChart's DLMUSE input is not the scan's
+    ours = np.where(mask > 0, data.astype(np.float32), 0)[tuple(slice(a, b) for a, b in box)]
+    np.testing.assert_array_equal(ours[tuple(slice(0, s) for s in exact.shape)], exact)
+
+
 def test_crop_box_keeps_a_thin_mask_whole():
     mask = np.zeros((20, 20, 20), bool)
     mask[5:7, 3:15, 4:16] = True  # 2 slices thick: the padding rounds to 0
