@@ -70,8 +70,11 @@ def test_nichart_masking_requantises_integer_images(tmp_path):
     data[mask > 0] = np.minimum(data[mask > 0], 180)  # brighter voxels only outside the mask
     nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "t1.nii.gz")
     nib.save(nib.Nifti1Image(mask, np.eye(4)), tmp_path / "mask.nii.gz")
-    mask_image.mask_img(str(tmp_path / "t1.nii.gz"), str(tmp_path / "mask.nii.gz"),
-                        str(tmp_path / "nichart.nii.gz"))
+    mask_image.mask_img(
+        str(tmp_path / "t1.nii.gz"),
+        str(tmp_path / "mask.nii.gz"),
+        str(tmp_path / "nichart.nii.gz"),
+    )
     box = crop_box(mask)
     nichart_box = tuple(slice(a, b - 1) for a, b in box)  # NiChart's crop is one slice short
     theirs = nib.load(tmp_path / "nichart.nii.gz").get_fdata()
