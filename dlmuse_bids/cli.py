@@ -292,8 +292,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
             outcomes.append(_Outcome(path, mrid, False, str(exc)))
             print(f"dlmuse: {exc}", file=sys.stderr)
             continue
-        except (ValueError, RuntimeError) as exc:
-            msg = f"{path}: segmentation failed ({exc})"
+        except Exception as exc:  # one image's failure must not stop the others
+            logger.debug("%s: traceback", path, exc_info=True)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            msg = f"{path}: segmentation failed ({type(exc).__name__}: {first})"
             outcomes.append(_Outcome(path, mrid, False, msg))
             print(f"dlmuse: {msg}", file=sys.stderr)
             continue

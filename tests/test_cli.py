@@ -186,3 +186,29 @@ def test_console_script_runs():
         check=False,
     )
     assert result.returncode == 0 and "dlmuse" in result.stdout
+
+
+def test_a_crash_on_one_image_does_not_stop_the_others(
+    tiny_models, head_file, tmp_path, monkeypatch, capsys
+):
+    from dlmuse_bids import pipeline
+
+    second = head_file.parent / "sub-02_T1w.nii.gz"
+    nib.save(synthetic_head(seed=2), second)
+    real_run = pipeline.DLMUSEPipeline.run
+    calls = []
+
+    def flaky(self, img):
+        calls.append(img)
+        if len(calls) == 1:
+            raise MemoryError("out of memory\nsecond line")
+        return real_run(self, img)
+
+    monkeypatch.setattr(pipeline.DLMUSEPipeline, "run", flaky)
+    out = tmp_path / "out"
+    assert _run("run", head_file, second, "-o", out, "--model-dir", tiny_models, "--no-tta") == 1
+    err = capsys.readouterr().err
+    assert f"{head_file}: segmentation failed (MemoryError: out of memory)" in err
+    assert (out / "sub-02_T1w_DLMUSE.nii.gz").exists()
+    assert not (out / "sub-01_T1w_DLMUSE.nii.gz").exists()
+    assert pd.read_csv(out / "DLMUSE_Volumes.csv")["MRID"].tolist() == ["sub-02"]
