@@ -212,6 +212,7 @@ def test_pipeline_outputs_on_the_input_grid(tiny_pipeline, tmp_path):
         assert vol == np.count_nonzero(labels == roi) * voxel
     icv_members = volume_roi_members()[702]
     assert result.volumes[702] == np.isin(labels, icv_members).sum() * voxel
+    assert all(info.n_tiles >= 1 for info in result.predictions.values())
     assert set(result.seconds) == {
         "reorient",
         "dlicv",

@@ -27,7 +27,7 @@ from .preprocessing import (
     streaming_argmax,
     zscore,
 )
-from .sliding_window import sliding_window_logits
+from .sliding_window import sliding_window_logits, tile_slicers
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class PredictionInfo:
     shape_in: tuple[int, ...] = ()
     bbox: tuple[tuple[int, int], ...] = ()
     shape_network: tuple[int, ...] = ()
-    n_tiles: int = 0
+    n_tiles: int = 0  # network evaluations per mirror (tiles x folds)
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -235,6 +235,10 @@ class Predictor:
         info.shape_in = tuple(image.shape)
         info.bbox = props["bbox"]
         info.shape_network = tuple(data.shape[1:])
+        padded = [max(s, t) for s, t in zip(data.shape[1:], self.config.patch_size, strict=True)]
+        info.n_tiles = len(
+            tile_slicers(padded, self.config.patch_size, self.options.tile_step_size)
+        ) * len(self.fold_weights)
         info.seconds = {"preprocess": t1 - t0, "network": t2 - t1, "export": t3 - t2}
         logger.debug(
             "%s: %s -> network grid %s in %.1f s",
