@@ -248,14 +248,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for path in args.inputs:
         name = image_name(path)
         if name in names:
-            outcomes.append(
-                _Outcome(
-                    path,
-                    subject_id(path),
-                    False,
-                    f"{path}: same output name {name!r} as {names[name]}",
-                )
-            )
+            msg = f"{path}: same output name {name!r} as {names[name]}; rename one of them"
+            outcomes.append(_Outcome(path, subject_id(path), False, msg))
+            print(f"dlmuse: {msg}", file=sys.stderr)
             continue
         names[name] = path
         todo.append(path)
@@ -281,7 +276,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             import pandas as pd
 
             logger.warning("%s: outputs exist, kept (use --overwrite to recompute)", path)
-            rows.append(pd.read_csv(csv_path).iloc[0].to_dict())
+            rows.append(pd.read_csv(csv_path, dtype={"MRID": str}).iloc[0].to_dict())
             outcomes.append(_Outcome(path, mrid, True, "kept existing outputs"))
             continue
         start = time.perf_counter()

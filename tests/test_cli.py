@@ -106,7 +106,7 @@ def test_run_writes_nichart_outputs_and_survives_bad_inputs(
     assert not any(p.name.startswith(".") for p in out.iterdir())  # no temp files left
 
 
-def test_existing_outputs_are_kept(tiny_models, head_file, tmp_path):
+def test_existing_outputs_are_kept(tiny_models, head_file, tmp_path, capsys):
     out = tmp_path / "out"
     args = ("run", head_file, "-o", out, "--model-dir", tiny_models, "--no-tta")
     assert _run(*args) == 0
@@ -116,6 +116,11 @@ def test_existing_outputs_are_kept(tiny_models, head_file, tmp_path):
     assert seg.stat().st_mtime == 1_000_000_000
     assert pd.read_csv(out / "DLMUSE_Volumes.csv")["MRID"].tolist() == ["sub-01"]
     assert _run(*args, "--overwrite") == 0
+    dup = tmp_path / "other" / head_file.name
+    dup.parent.mkdir()
+    dup.write_bytes(head_file.read_bytes())
+    assert _run("run", head_file, dup, "-o", out, "--model-dir", tiny_models, "--no-tta") == 1
+    assert f"{dup}: same output name 'sub-01_T1w'" in capsys.readouterr().err
     assert seg.stat().st_mtime != 1_000_000_000
 
 
