@@ -55,7 +55,8 @@ _SIX_CONNECTED = ndimage.generate_binary_structure(3, 1)
 class ComponentSelection:
     """How the ICV component was chosen from the raw DLICV mask (DLICV 1.0.6's rule)."""
 
-    outcome: str  # "single", "largest-roundest", "no-large-component", "empty"
+    # "single", "largest-roundest", "no-large-component", "no-component-within-3sd", "empty"
+    outcome: str
     n_components: int
     large_sizes: list[int]
     large_roundness: list[float]
@@ -182,7 +183,15 @@ def select_icv_component(
     values = np.array([s for s, _ in large], dtype=float)
     mean, sd = values.mean(), values.std()
     kept_list = [t for t in large if mean - 3 * sd < t[0] < mean + 3 * sd][:2]
-    roundness = {lab: itk_roundness(labelled == lab, spacing) for _, lab in kept_list}
+    if not kept_list:  # all candidates the same size: DLICV's rule keeps the raw mask
+        kept = mask.astype(np.uint8)
+        return kept, ComponentSelection(
+            "no-component-within-3sd", n, [s for s, _ in large], [], int(kept.sum())
+        )
+    boxes = ndimage.find_objects(labelled)
+    roundness = {
+        lab: itk_roundness(labelled[boxes[lab - 1]] == lab, spacing) for _, lab in kept_list
+    }
     kept_list.sort(key=lambda t: roundness[t[1]], reverse=True)
     size, lab = kept_list[0]
     return (
