@@ -112,8 +112,8 @@ def test_icv_component_choice_matches_dlicv(case, capsys):
         mask |= _blob(shape, (80, 70, 62), (42, 42, 42))  # round, ~310k voxels
     if case == "two_round_wins":
         mask[5:30, 5:145, 110:128] = True  # a flat slab, 63k: too small to count
-        mask |= _blob(shape, (75, 128, 60), (14, 20, 60))  # elongated, 70k: too small
-        mask[110:150, 0:150, 0:40] = True  # a large box (240k)
+        mask |= _blob(shape, (75, 140, 60), (14, 8, 60))  # elongated, small: not a candidate
+        mask[128:150, 0:150, 0:70] = True  # a separate large box (231k): less round
     if case == "two_big_elongated":
         mask[0:22, :, :] = True  # a slab of 429k voxels: bigger than the head but not round
     if case == "none":
@@ -133,6 +133,9 @@ def test_icv_component_choice_matches_dlicv(case, capsys):
     else:
         np.testing.assert_array_equal(ours, ref)
     assert info.kept_voxels == int(ours.sum())
+    if case == "two_round_wins":
+        assert info.outcome == "largest-roundest" and len(info.large_sizes) == 2
+        assert info.kept_voxels == max(info.large_sizes)  # the head is also the larger one
     if case == "two_big_elongated":
         assert info.outcome == "largest-roundest" and len(info.large_sizes) == 2
         assert info.kept_voxels < max(info.large_sizes)  # the rounder, smaller one won
