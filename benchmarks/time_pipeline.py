@@ -44,6 +44,17 @@ def full_width_models(cache: Path) -> Path:
     return cache
 
 
+def cpu_model() -> str:
+    """The CPU's marketing name (``platform.processor()`` is empty on most Linux systems)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def peak_rss_gib() -> float:
     """Peak resident memory of this process so far (GiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -99,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     host = socket.gethostname().split(".")[0]
     meta = {
-        "machine": platform.processor() or platform.machine(),
+        "machine": cpu_model(),
         "python": sys.version.split()[0],
         "host": host,
     }
