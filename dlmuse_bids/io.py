@@ -426,6 +426,15 @@ def _check_label_values(labels: np.ndarray, target: np.dtype) -> None:
         raise ValueError(f"labels span {low:g}..{high:g}, which does not fit {target}")
 
 
+def write_bytes_atomic(path: str | os.PathLike[str], payload: bytes) -> None:
+    """Write ``payload`` to ``path`` through a hidden temporary file, fsync, and rename.
+
+    ``path`` is only ever absent, its old content, or the whole new content; its directory must
+    exist.
+    """
+    _write_atomic(Path(path), payload)
+
+
 def _write_atomic(final: Path, payload: bytes) -> None:
     tmp = final.parent / f".{final.name[:64]}.{secrets.token_hex(6)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)

@@ -21,15 +21,15 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from functools import cache
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from .io import write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -177,6 +177,32 @@ def _format_ids(ids: Iterable[int], limit: int = 20) -> str:
     return text + (f", ... ({len(ids)} in all)" if len(ids) > limit else "")
 
 
+def single_roi_counts(label_map: np.ndarray) -> dict[int, int]:
+    """Voxel count of every single ROI (:func:`single_roi_ids` order; zero when absent).
+
+    Raises
+    ------
+    ValueError
+        If the map holds values that are neither background nor a single ROI id.
+    """
+    singles = _single_ids()
+    values = _integer_labels(label_map)
+    known = np.zeros(max(singles) + 1, dtype=bool)
+    known[[0, *singles]] = True
+    if values.size:
+        vmin, vmax = int(values.min()), int(values.max())
+        if vmin < 0 or vmax >= known.size:
+            outside = values[(values < 0) | (values >= known.size)]
+            raise ValueError(
+                f"label map has unknown label values: {_format_ids(np.unique(outside))}"
+            )
+    counts = np.bincount(values.astype(np.intp, copy=False), minlength=known.size)
+    unknown = np.flatnonzero((counts > 0) & ~known)
+    if unknown.size:
+        raise ValueError(f"label map has unknown label values: {_format_ids(unknown.tolist())}")
+    return {roi: int(counts[roi]) for roi in singles}
+
+
 def single_roi_volumes(label_map: np.ndarray, voxel_volume_mm3: float) -> dict[int, float]:
     """Volume of every single ROI in a MUSE label map.
 
@@ -199,23 +225,9 @@ def single_roi_volumes(label_map: np.ndarray, voxel_volume_mm3: float) -> dict[i
     ValueError
         If the map holds values that are neither background nor a single ROI id.
     """
-    singles = _single_ids()
-    values = _integer_labels(label_map)
-    known = np.zeros(max(singles) + 1, dtype=bool)
-    known[[0, *singles]] = True
-    if values.size:
-        vmin, vmax = int(values.min()), int(values.max())
-        if vmin < 0 or vmax >= known.size:
-            outside = values[(values < 0) | (values >= known.size)]
-            raise ValueError(
-                f"label map has unknown label values: {_format_ids(np.unique(outside))}"
-            )
-    counts = np.bincount(values.astype(np.intp, copy=False), minlength=known.size)
-    unknown = np.flatnonzero((counts > 0) & ~known)
-    if unknown.size:
-        raise ValueError(f"label map has unknown label values: {_format_ids(unknown.tolist())}")
+    counts = single_roi_counts(label_map)
     scale = float(voxel_volume_mm3)
-    return {roi: int(counts[roi]) * scale for roi in singles}
+    return {roi: n * scale for roi, n in counts.items()}
 
 
 def derived_roi_volumes(single_volumes: Mapping[int, float]) -> dict[int, float]:
@@ -295,14 +307,49 @@ def write_nichart_csv(rows: Iterable[Mapping[str, Any]], path: str | os.PathLike
             extra, lacking = set(row) - set(columns), set(columns) - set(row)
             raise ValueError(f"row {i}: unexpected columns {extra}, missing {lacking}")
     frame = pd.DataFrame(rows, columns=columns)
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fobj:
-            os.fchmod(fobj.fileno(), 0o644)  # mkstemp's 0600 would hide the derivative
-            frame.to_csv(fobj, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(path, frame.to_csv(index=False).encode("utf-8"))
     logger.debug("wrote %d volume rows to %s", len(rows), path)
+
+
+def roi_volume_table(label_map: np.ndarray, zooms: Sequence[float]) -> pd.DataFrame:
+    """Volumes of every single and derived ROI of a MUSE label map, one row per ROI.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``index, name, volume_mm3, n_voxels``: the single ROIs (label 1 included) by
+        id, then the derived ROIs in NiChart's order; ``n_voxels`` is missing (``<NA>``) for
+        derived ROIs, which are sums of their members' volumes.
+    """
+    scale = voxel_volume_mm3(zooms)
+    counts = single_roi_counts(label_map)
+    single = {roi: n * scale for roi, n in counts.items()}
+    derived = derived_roi_volumes(single)
+    table = _table().set_index("index")
+    ids = list(single) + [roi for roi in derived if table.at[roi, "kind"] == "derived"]
+    return pd.DataFrame(
+        {
+            "index": ids,
+            "name": [table.at[roi, "name"] for roi in ids],
+            "volume_mm3": [single[roi] if roi in single else derived[roi] for roi in ids],
+            "n_voxels": pd.array([counts.get(roi, pd.NA) for roi in ids], dtype="Int64"),
+        }
+    )
+
+
+def dseg_table() -> pd.DataFrame:
+    """BIDS ``dseg.tsv`` of DLMUSE label maps: every value that can occur, background included.
+
+    Columns ``index, name, abbreviation, color`` (name: the full name; abbreviation: the short
+    name used as a column name in the group tables).
+    """
+    table = _table()
+    rows = table[table["kind"].isin(["background", "single"])].sort_values("index")
+    return pd.DataFrame(
+        {
+            "index": rows["index"].to_numpy(),
+            "name": rows["full_name"].to_numpy(),
+            "abbreviation": rows["name"].to_numpy(),
+            "color": rows["color"].to_numpy(),
+        }
+    )

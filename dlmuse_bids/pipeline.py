@@ -206,23 +206,94 @@ def select_icv_component(
     )
 
 
+# -- pipeline steps (each also a node of the BIDS App's workflow) ------------------------------
+def mask_and_crop(
+    data: np.ndarray, raw_mask: np.ndarray, zooms: tuple[float, float, float]
+) -> tuple[np.ndarray, ComponentSelection, tuple[tuple[int, int], ...], np.ndarray]:
+    """Keep the ICV component of a raw DLICV mask, then mask and crop the image around it.
+
+    Parameters
+    ----------
+    data
+        The image in LPS voxel order (float32).
+    raw_mask
+        DLICV's prediction on ``data`` (0/1).
+    zooms
+        Voxel sizes (mm) of ``data``.
+
+    Returns
+    -------
+    mask, selection, box, masked
+        The kept mask (uint8, ``data``'s grid), how it was chosen, the half-open crop box, and
+        the cropped image with zeros outside the mask (float32), DLMUSE's input.
+    """
+    mask, selection = select_icv_component(raw_mask, zooms)
+    if not mask.any():
+        raise ValueError("DLICV found no intracranial voxels")
+    box = crop_box(mask)
+    crop = tuple(slice(a, b) for a, b in box)
+    masked = np.where(mask[crop] > 0, data[crop], np.float32(0)).astype(np.float32, copy=False)
+    return mask, selection, box, masked
+
+
+def paste_labels(
+    classes: np.ndarray, mask: np.ndarray, box: tuple[tuple[int, int], ...], lut: np.ndarray
+) -> np.ndarray:
+    """MUSE label map on the full LPS grid from DLMUSE's classes on the crop.
+
+    Classes become MUSE ids through ``lut``; intracranial voxels with no region become
+    :data:`RESIDUAL_ICV_LABEL`.
+    """
+    labels = np.zeros(mask.shape, dtype=np.uint8)
+    labels[tuple(slice(a, b) for a, b in box)] = lut[classes]
+    labels[(labels == 0) & (mask > 0)] = RESIDUAL_ICV_LABEL
+    return labels
+
+
+def to_native(
+    labels: np.ndarray, mask: np.ndarray, img: nib.Nifti1Image
+) -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
+    """LPS-ordered label map and mask as uint8 images on ``img``'s own grid and header."""
+    source = io_orientation(img.affine)
+    return (
+        make_label_image(from_reference_orientation(labels, source), img),
+        make_label_image(from_reference_orientation(mask, source), img),
+    )
+
+
+def roi_volumes(label_img: nib.Nifti1Image) -> tuple[dict[int, float], dict[int, float]]:
+    """Single-ROI volumes and the volumes of NiChart's 260 ROIs (mm³) of a MUSE label map."""
+    single = single_roi_volumes(
+        np.asanyarray(label_img.dataobj), voxel_volume_mm3(label_img.header.get_zooms()[:3])
+    )
+    return single, derived_roi_volumes(single)
+
+
+def lps_zooms(lps: nib.Nifti1Image) -> tuple[float, float, float]:
+    """Voxel sizes the networks are told (every step must use the very same floats)."""
+    return tuple(float(z) for z in lps.header.get_zooms()[:3])
+
+
+def check_models(dlicv: Predictor, dlmuse: Predictor) -> None:
+    """Refuse a model pair that cannot be DLICV (2 classes) and DLMUSE (152 classes)."""
+    if dlicv.config.num_classes != 2:
+        raise ValueError(f"the DLICV model must have 2 classes, not {dlicv.config.num_classes}")
+    n_muse = len(class_to_muse_lut())
+    if dlmuse.config.num_classes != n_muse:
+        raise ValueError(
+            f"the DLMUSE model must have {n_muse} classes, not {dlmuse.config.num_classes}"
+        )
+
+
 # -- the pipeline -----------------------------------------------------------------------------
 class DLMUSEPipeline:
     """DLICV then DLMUSE on one T1w image; the models are loaded once and reused."""
 
     def __init__(self, dlicv: Predictor, dlmuse: Predictor) -> None:
-        if dlicv.config.num_classes != 2:
-            raise ValueError(
-                f"the DLICV model must have 2 classes, not {dlicv.config.num_classes}"
-            )
-        lut = class_to_muse_lut()
-        if dlmuse.config.num_classes != len(lut):
-            raise ValueError(
-                f"the DLMUSE model must have {len(lut)} classes, not {dlmuse.config.num_classes}"
-            )
+        check_models(dlicv, dlmuse)
         self.dlicv = dlicv
         self.dlmuse = dlmuse
-        self.lut = lut
+        self.lut = class_to_muse_lut()
 
     def run(self, img: nib.Nifti1Image) -> PipelineResult:
         """Segment one validated 3-D T1w image (see :func:`dlmuse_bids.io.load_t1w`)."""
@@ -236,37 +307,25 @@ class DLMUSEPipeline:
             t = now
 
         source_orientation = "".join(nib.aff2axcodes(img.affine))
-        lps, source_ornt = to_reference_orientation(img)
+        lps, _ = to_reference_orientation(img)
         data = np.asarray(lps.dataobj, dtype=np.float32)
-        zooms = tuple(float(z) for z in lps.header.get_zooms()[:3])
+        zooms = lps_zooms(lps)
         lap("reorient")
 
         icv_info = PredictionInfo()
         raw_mask = self.dlicv.predict(data, zooms, icv_info)
         lap("dlicv")
-        mask, selection = select_icv_component(raw_mask, zooms)
-        if not mask.any():
-            raise ValueError("DLICV found no intracranial voxels")
-        box = crop_box(mask)
-        crop = tuple(slice(a, b) for a, b in box)
-        masked = np.where(mask[crop] > 0, data[crop], np.float32(0))
+        mask, selection, box, masked = mask_and_crop(data, raw_mask, zooms)
         lap("mask_crop")
 
         muse_info = PredictionInfo()
         classes = self.dlmuse.predict(masked, zooms, muse_info)
         lap("dlmuse")
 
-        labels = np.zeros(mask.shape, dtype=np.uint8)
-        labels[crop] = self.lut[classes]
-        labels[(labels == 0) & (mask > 0)] = RESIDUAL_ICV_LABEL
-        native_labels = from_reference_orientation(labels, source_ornt)
-        native_mask = from_reference_orientation(mask, source_ornt)
-        label_img = make_label_image(native_labels, img)
-        mask_img = make_label_image(native_mask, img)
+        label_img, mask_img = to_native(paste_labels(classes, mask, box, self.lut), mask, img)
         lap("relabel_paste")
 
-        single = single_roi_volumes(native_labels, voxel_volume_mm3(img.header.get_zooms()[:3]))
-        volumes = derived_roi_volumes(single)
+        single, volumes = roi_volumes(label_img)
         lap("volumes")
         logger.info(
             "segmented %s image %s: ICV %.0f mL, component rule %s",

@@ -248,3 +248,29 @@ def test_nichart_csv_derived_are_sums_of_members() -> None:
             continue
         assert reported == list(ids), roi
         np.testing.assert_allclose(table[_col(roi)], total, rtol=1e-6, err_msg=str(roi))
+
+
+def test_roi_volume_table() -> None:
+    rng = np.random.default_rng(3)
+    ids = labels.single_roi_ids()
+    label_map = rng.choice([0, *ids[:40]], size=(30, 20, 10)).astype(np.uint8)
+    table = labels.roi_volume_table(label_map, (1.0, 2.0, 0.5))
+    singles = table[table["n_voxels"].notna()]
+    derived = table[table["n_voxels"].isna()]
+    assert singles["index"].tolist() == ids
+    for row in singles.itertuples():
+        assert row.n_voxels == int(np.count_nonzero(label_map == row.index))
+        assert row.volume_mm3 == row.n_voxels * 1.0
+    members = labels.volume_roi_members()
+    by_id = dict(zip(table["index"], table["volume_mm3"], strict=True))
+    for roi, vol in zip(derived["index"], derived["volume_mm3"], strict=True):
+        assert vol == pytest.approx(sum(by_id[m] for m in members[roi]))
+    assert set(table["index"]) >= set(labels.volume_roi_ids())
+    assert table["index"].is_unique and table["name"].is_unique
+
+
+def test_dseg_table() -> None:
+    table = labels.dseg_table()
+    assert table["index"].tolist() == [0, *labels.single_roi_ids()]
+    assert table.loc[table["index"] == 1, "abbreviation"].item() == "cortical_csf"
+    assert table["abbreviation"].is_unique
