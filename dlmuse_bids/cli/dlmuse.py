@@ -1,6 +1,4 @@
-"""Command lines. The only module that reads ``sys.argv`` and the environment.
-
-``dlmuse`` works on plain NIfTI files:
+"""The ``dlmuse`` command: DLMUSE on plain NIfTI files.
 
 * ``dlmuse predict --model DIR IN OUT``: one nnU-Net model on one image (nnU-Net semantics);
 * ``dlmuse run T1w.nii.gz ... -o OUTDIR``: the whole DLMUSE pipeline, NiChart-compatible outputs.
@@ -18,31 +16,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import __version__
+from .. import __version__
+from ..settings import available_cpus
+from .common import (
+    EXIT_CANT_CREATE,
+    EXIT_DATA,
+    EXIT_NO_INPUT,
+    EXIT_OK,
+    EXIT_SOME_FAILED,
+    Parser,
+    positive_int,
+    setup_logging,
+)
 
 logger = logging.getLogger("dlmuse_bids")
-
-# BIDS-Apps / sysexits exit codes
-EXIT_OK = 0
-EXIT_SOME_FAILED = 1
-EXIT_USAGE = 64
-EXIT_DATA = 65
-EXIT_NO_INPUT = 66
-EXIT_CANT_CREATE = 73
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse exits 2; the BIDS-Apps spec says 64
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on (affinity mask), not the machine's total."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def _fold(value: str) -> int | str:
@@ -56,13 +43,6 @@ def _step(value: str) -> float:
     return step
 
 
-def _positive(value: str) -> int:
-    n = int(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return n
-
-
 def _add_inference_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--device",
@@ -72,7 +52,7 @@ def _add_inference_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--threads",
-        type=_positive,
+        type=positive_int,
         default=None,
         help="CPU threads for torch (default: the CPUs this process may use)",
     )
@@ -98,9 +78,9 @@ def _add_inference_options(p: argparse.ArgumentParser) -> None:
 
 def build_dlmuse_parser() -> argparse.ArgumentParser:
     """Parser of the ``dlmuse`` command."""
-    parser = _Parser(prog="dlmuse", description="DLMUSE brain segmentation on NIfTI files.")
+    parser = Parser(prog="dlmuse", description="DLMUSE brain segmentation on NIfTI files.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     pred = sub.add_parser(
         "predict",
@@ -150,27 +130,19 @@ def build_dlmuse_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def setup_logging(verbosity: int) -> None:
-    """Log to stderr; -v for info, -vv for debug."""
-    level = logging.WARNING - 10 * min(verbosity, 2)
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
-
-
 def _options(args: argparse.Namespace):
-    from .nnunet.predictor import InferenceOptions
+    from ..nnunet.predictor import InferenceOptions
 
     return InferenceOptions(
         device=args.device,
-        threads=args.threads or available_cpus(),
+        threads=args.threads or available_cpus(os.environ),
         tile_step_size=args.step_size,
         use_mirroring=not args.no_tta,
     )
 
 
 def _predictor(folder: Path, folds, options):
-    from .models import load_trained_model
+    from ..models import load_trained_model
 
     model = load_trained_model(folder, folds)
     logger.info("loaded %s (folds %s, sha256 %s)", folder, model.folds, model.sha256)
@@ -178,8 +150,8 @@ def _predictor(folder: Path, folds, options):
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from .io import InputImageError, load_t1w, make_label_image, save_nifti_atomic
-    from .models import ModelError
+    from ..io import InputImageError, load_t1w, make_label_image, save_nifti_atomic
+    from ..models import ModelError
 
     try:
         predictor = _predictor(args.model, args.folds, _options(args))
@@ -224,10 +196,10 @@ class _Outcome:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .io import InputImageError, load_t1w, save_nifti_atomic
-    from .labels import nichart_volumes_row, write_nichart_csv
-    from .models import ModelError, find_model, model_search_dirs
-    from .pipeline import DLMUSEPipeline
+    from ..io import InputImageError, load_t1w, save_nifti_atomic
+    from ..labels import nichart_volumes_row, write_nichart_csv
+    from ..models import ModelError, find_model, model_search_dirs
+    from ..pipeline import DLMUSEPipeline
 
     out_dir: Path = args.output_dir
     try:

@@ -1,0 +1,9 @@
+"""Command lines; the only modules that read ``sys.argv`` and the environment.
+
+* ``dlmuse`` (:mod:`.dlmuse`): DLMUSE on plain NIfTI files;
+* ``dlmuse-bids`` (:mod:`.bids_app`): the BIDS App.
+"""
+
+from .dlmuse import dlmuse_main, image_name, subject_id
+
+__all__ = ["dlmuse_main", "image_name", "subject_id"]

@@ -1,0 +1,36 @@
+"""What both command lines share: exit codes, the argument parser, logging."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+# BIDS-Apps / sysexits exit codes
+EXIT_OK = 0
+EXIT_SOME_FAILED = 1
+EXIT_USAGE = 64
+EXIT_DATA = 65
+EXIT_NO_INPUT = 66
+EXIT_CANT_CREATE = 73
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse exits 2; the BIDS-Apps spec says 64
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def positive_int(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return n
+
+
+def setup_logging(verbosity: int) -> None:
+    """Log to stderr; -v for info, -vv for debug."""
+    level = logging.WARNING - 10 * min(verbosity, 2)
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )

@@ -1,0 +1,39 @@
+"""The group level of ``dlmuse-bids``: tables from participant outputs."""
+
+from __future__ import annotations
+
+import sys
+
+from ..bids import BIDSError, collect_t1w, index_layout
+from ..settings import BIDSAppSettings
+from .common import EXIT_CANT_CREATE, EXIT_OK
+
+
+def run_group(settings: BIDSAppSettings) -> int:
+    """Write ``group/`` tables for the T1w images the same selection would segment."""
+    from ..group import GROUP_DIR, write_group_tables
+
+    try:
+        layout = index_layout(
+            settings.bids_dir, settings.participant_labels, settings.database_dir
+        )
+        t1w_files = collect_t1w(
+            layout, settings.participant_labels, settings.session_labels, settings.bids_filters
+        )
+    except BIDSError as exc:
+        print(f"dlmuse-bids: {exc}", file=sys.stderr)
+        return exc.exit_code
+    try:
+        frame = write_group_tables(t1w_files, settings.bids_dir, settings.output_dir)
+    except OSError as exc:
+        where = settings.output_dir / GROUP_DIR
+        print(f"dlmuse-bids: {where}: cannot write ({exc.strerror or exc})", file=sys.stderr)
+        return EXIT_CANT_CREATE
+    counts = frame["status"].value_counts().to_dict()
+    print(
+        f"dlmuse-bids: group tables of {len(frame)} T1w image(s) in "
+        f"{settings.output_dir / GROUP_DIR}: "
+        + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())),
+        file=sys.stderr,
+    )
+    return EXIT_OK

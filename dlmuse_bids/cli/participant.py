@@ -1,0 +1,338 @@
+"""The participant level of ``dlmuse-bids``: find T1w images, run the workflow, report."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+from ..bids import (
+    LOGS_DIR,
+    BIDSError,
+    Provenance,
+    collect_t1w,
+    crash_log_name,
+    index_layout,
+    output_paths,
+    outputs_current,
+    validate_dataset,
+    write_dataset_files,
+)
+from ..settings import GRAPH_PLUGINS, BIDSAppSettings, ModelInfo
+from .common import EXIT_CANT_CREATE, EXIT_NO_INPUT, EXIT_OK, EXIT_SOME_FAILED
+
+logger = logging.getLogger("dlmuse_bids")
+
+
+def _say(message: str) -> None:
+    print(f"dlmuse-bids: {message}", file=sys.stderr, flush=True)
+
+
+def load_models(settings: BIDSAppSettings) -> dict[str, ModelInfo]:
+    """Find both models, load them once on the CPU to check them, and record their identity."""
+    from ..models import find_model, load_trained_model, model_search_dirs
+    from ..nnunet.predictor import InferenceOptions
+    from ..pipeline import check_models
+
+    dirs = model_search_dirs(settings.model_dir, os.environ)
+    infos, predictors = {}, {}
+    for key in ("DLICV", "DLMUSE"):
+        model = load_trained_model(find_model(key, dirs))
+        predictors[key] = model.predictor(InferenceOptions(device="cpu", threads=1))
+        infos[key] = ModelInfo(key, model.folder.absolute(), tuple(model.folds), model.sha256)
+    try:
+        check_models(predictors["DLICV"], predictors["DLMUSE"])
+    except ValueError as exc:
+        from ..models import ModelError
+
+        raise ModelError(str(exc)) from exc
+    return infos
+
+
+@dataclass
+class Outcome:
+    """What happened to one T1w."""
+
+    source: Path
+    status: str  # "processed", "skipped", "failed"
+    message: str = ""
+    crash_file: Path | None = None
+
+
+@dataclass
+class Progress:
+    """nipype status callback: a line per image as it finishes, a bar on a terminal."""
+
+    images: dict[str, Path]  # sub-workflow name -> T1w
+    stream: TextIO = field(default_factory=lambda: sys.stderr)
+    started: dict[str, float] = field(default_factory=dict)
+    sinks_done: dict[str, set] = field(default_factory=dict)
+    finished: dict[str, str] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def _image(self, node) -> str | None:
+        for part in node.fullname.split("."):
+            if part in self.images:
+                return part
+        return None
+
+    def __call__(self, node, status: str) -> None:
+        from ..workflows import SINK_NODES
+
+        wf = self._image(node)
+        if wf is None:
+            return
+        with self.lock:
+            self.started.setdefault(wf, time.monotonic())
+            if wf in self.finished:
+                return
+            if status == "exception":
+                self._finish(wf, "failed")
+            elif status == "end" and node.name in SINK_NODES:
+                self.sinks_done.setdefault(wf, set()).add(node.name)
+                if len(self.sinks_done[wf]) == len(SINK_NODES):
+                    self._finish(wf, "done")
+
+    def _finish(self, wf: str, what: str) -> None:
+        self.finished[wf] = what
+        seconds = time.monotonic() - self.started[wf]
+        n, total = len(self.finished), len(self.images)
+        line = f"[{n}/{total}] {self.images[wf].name}: {what} in {seconds:.0f} s"
+        if self.stream.isatty():  # the line above a bar that is redrawn in place
+            filled = round(30 * n / total)
+            bar = "#" * filled + "-" * (30 - filled)
+            self.stream.write(f"\r\033[K{line}\n[{bar}] {n}/{total} images")
+            if n == total:
+                self.stream.write("\n")
+        else:
+            print(line, file=self.stream)
+        self.stream.flush()
+
+
+def _plan(
+    t1w_files: list[Path], settings: BIDSAppSettings, provenance: Provenance
+) -> tuple[list[Path], list[Outcome]]:
+    """Images to run, and the outcomes already known (skipped, or refused for a name clash)."""
+    todo: list[Path] = []
+    known: list[Outcome] = []
+    owners: dict[Path, Path] = {}
+    for source in t1w_files:
+        dseg = output_paths(source, settings.output_dir)["dseg"]
+        if dseg in owners:
+            known.append(
+                Outcome(
+                    source,
+                    "failed",
+                    f"{source}: same output names as {owners[dseg]} (an entity the outputs "
+                    "cannot carry tells them apart); filter one of them out",
+                )
+            )
+            continue
+        owners[dseg] = source
+        if not settings.overwrite and outputs_current(source, settings.output_dir, provenance):
+            known.append(Outcome(source, "skipped", "outputs exist with the same provenance"))
+        else:
+            todo.append(source)
+    return todo, known
+
+
+def _collect_crashes(crash_dir: Path, images: dict[str, Path], logs: Path) -> dict[Path, Path]:
+    """Move nipype's crash files to ``logs/``, named after their image; source -> crash file."""
+    found: dict[Path, Path] = {}
+    if not crash_dir.is_dir():
+        return found
+    for crash in sorted(crash_dir.glob("crash-*.txt")):
+        text = crash.read_text(encoding="utf-8", errors="replace")
+        first = text.splitlines()[0] if text else ""
+        parts = first.removeprefix("Node: ").split(".")
+        wf = next((p for p in parts if p in images), None)
+        if wf is None:
+            continue
+        source = images[wf]
+        logs.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(crash.stat().st_mtime))
+        target = logs / crash_log_name(source, parts[-1], stamp)
+        n = 1
+        while target.exists():
+            n += 1
+            target = logs / crash_log_name(source, f"{parts[-1]}{n}", stamp)
+        shutil.copyfile(crash, target)
+        crash.unlink()
+        found.setdefault(source, target)
+    return found
+
+
+def _reason(crash_file: Path | None) -> str:
+    """The exception line of a crash file's traceback."""
+    if crash_file is None:
+        return "did not complete (see the log)"
+    lines = [
+        ln.strip() for ln in crash_file.read_text(errors="replace").splitlines() if ln.strip()
+    ]
+    for line in reversed(lines):
+        if ":" in line and not line.startswith(("File ", "^", "~")):
+            name, _, message = line.partition(":")
+            if name.replace(".", "").replace("_", "").isalnum():
+                return message.strip() or name
+    return lines[-1] if lines else "failed"
+
+
+def _nipype_config(work_dir: Path, verbosity: int) -> None:
+    """Point nipype (and the worker processes it starts) at a config with our log levels.
+
+    Workers import nipype afresh and read ``$NIPYPE_CONFIG_DIR/nipype.cfg``; without this they
+    would log every node at INFO whatever ``-v`` says.
+    """
+    level = "WARNING" if verbosity < 2 else ("INFO" if verbosity < 3 else "DEBUG")
+    config_dir = work_dir / "nipype-config"
+    config_dir.mkdir(parents=True, exist_ok=True)
+    (config_dir / "nipype.cfg").write_text(
+        "[logging]\n"
+        f"workflow_level = {level}\ninterface_level = {level}\nutils_level = {level}\n"
+        "[execution]\ncheck_version = false\n"
+    )
+    os.environ["NIPYPE_CONFIG_DIR"] = str(config_dir)
+
+
+def _run_workflow(todo: list[Path], settings: BIDSAppSettings, models, provenance) -> dict:
+    """Build and run the nipype workflow; the crash files it left, by source."""
+    from ..workflows import init_participant_wf, workflow_name
+
+    images = {workflow_name(t): t for t in todo}
+    temporary = settings.work_dir is None
+    work_dir = (
+        Path(tempfile.mkdtemp(prefix="dlmuse-bids-work-")) if temporary else settings.work_dir
+    )
+    work_dir.mkdir(parents=True, exist_ok=True)
+    _nipype_config(work_dir, settings.verbosity)
+    if settings.plugin in GRAPH_PLUGINS:  # jobs crash after we return: nipype's names, in logs/
+        crash_dir = settings.output_dir / LOGS_DIR
+    else:
+        crash_dir = Path(tempfile.mkdtemp(prefix="crash-", dir=work_dir))
+    try:
+        wf = init_participant_wf(
+            t1w_files=todo,
+            bids_dir=settings.bids_dir,
+            output_dir=settings.output_dir,
+            models=models,
+            inference=settings.inference,
+            provenance=provenance,
+        )
+        wf.base_dir = str(work_dir)
+        wf.config["execution"].update(
+            {
+                "crashdump_dir": str(crash_dir),
+                "crashfile_format": "txt",
+                "stop_on_first_crash": settings.stop_on_first_crash,
+                "remove_unnecessary_outputs": False,
+            }
+        )
+        plugin_args: dict = {}
+        if settings.plugin not in GRAPH_PLUGINS:  # they cannot report progress
+            plugin_args["status_callback"] = Progress(images)
+        if settings.plugin in ("MultiProc", "LegacyMultiProc"):
+            # forkserver: workers never inherit a torch state from this process (as fMRIPrep)
+            plugin_args.update(
+                n_procs=settings.nprocs, mp_context="forkserver", raise_insufficient=False
+            )
+        plugin_args.update(settings.plugin_args)
+        try:
+            wf.run(plugin=settings.plugin, plugin_args=plugin_args)
+        except RuntimeError as exc:  # nipype: "Workflow did not execute cleanly"
+            logger.info("workflow reported failures: %s", str(exc).splitlines()[0])
+        if settings.plugin in GRAPH_PLUGINS:
+            return {}
+        return _collect_crashes(crash_dir, images, settings.output_dir / LOGS_DIR)
+    finally:
+        if temporary:
+            shutil.rmtree(work_dir, ignore_errors=True)
+        elif settings.plugin not in GRAPH_PLUGINS:
+            shutil.rmtree(crash_dir, ignore_errors=True)
+
+
+def run_participant(settings: BIDSAppSettings) -> int:
+    """The participant level; returns the exit code."""
+    from dataclasses import asdict
+
+    from ..models import ModelError
+
+    start = time.monotonic()
+    try:
+        if settings.skip_validation:
+            _say("input not validated (--skip-bids-validation)")
+        else:
+            errors = validate_dataset(settings.bids_dir)
+            if errors is None:
+                _say("bids-validator-deno not found; input not validated")
+            elif errors:
+                shown = "; ".join(errors[:5]) + (
+                    f" (+{len(errors) - 5} more)" if len(errors) > 5 else ""
+                )
+                raise BIDSError(f"{settings.bids_dir}: not valid BIDS: {shown}")
+        layout = index_layout(
+            settings.bids_dir, settings.participant_labels, settings.database_dir
+        )
+        t1w_files = collect_t1w(
+            layout, settings.participant_labels, settings.session_labels, settings.bids_filters
+        )
+    except BIDSError as exc:
+        _say(str(exc))
+        return exc.exit_code
+    try:
+        models = load_models(settings)
+    except ModelError as exc:
+        _say(str(exc))
+        return EXIT_NO_INPUT
+    provenance = Provenance(
+        version=settings.version,
+        tta=settings.inference.tta,
+        step_size=settings.inference.step_size,
+        models={key: info.provenance() for key, info in models.items()},
+    )
+    todo, outcomes = _plan(t1w_files, settings, provenance)
+    try:
+        write_dataset_files(
+            settings.output_dir, settings.bids_dir, settings.version, settings.container
+        )
+    except OSError as exc:
+        _say(f"{settings.output_dir}: cannot write dataset files ({exc.strerror or exc})")
+        return EXIT_CANT_CREATE
+    for outcome in outcomes:
+        if outcome.status == "failed":
+            _say(outcome.message)
+    logger.info("%d T1w image(s) to segment, %d already done", len(todo), len(outcomes))
+    logger.debug("settings: %s", asdict(settings))
+    crashes = _run_workflow(todo, settings, models, provenance) if todo else {}
+    if todo and settings.plugin in GRAPH_PLUGINS:
+        _say(
+            f"{len(todo)} image(s) submitted with {settings.plugin}; run this command again "
+            "when the jobs are done to check them (finished images are skipped)"
+        )
+        return EXIT_OK
+    for source in todo:
+        if outputs_current(source, settings.output_dir, provenance):
+            outcomes.append(Outcome(source, "processed"))
+        else:
+            crash = crashes.get(source)
+            outcomes.append(Outcome(source, "failed", _reason(crash), crash))
+    return _summary(outcomes, time.monotonic() - start)
+
+
+def _summary(outcomes: list[Outcome], seconds: float) -> int:
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("processed", "skipped", "failed")}
+    _say(
+        f"{counts['processed']} processed, {counts['skipped']} skipped (outputs up to date), "
+        f"{counts['failed']} failed, in {seconds:.0f} s"
+    )
+    for o in outcomes:
+        if o.status == "failed":
+            where = f" [crash file: {o.crash_file}]" if o.crash_file else ""
+            _say(f"failed: {o.source}: {o.message}{where}")
+    return EXIT_SOME_FAILED if counts["failed"] else EXIT_OK

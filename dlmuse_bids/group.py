@@ -1,0 +1,164 @@
+"""Group-level tables from participant outputs (never segments anything).
+
+One row per T1w the participant level was asked to segment: its ROI volumes when its outputs
+are there, its status otherwise (``failed`` when a crash file names it, ``missing`` when it was
+never run), so no image silently drops out of an analysis.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .bids import LOGS_DIR, crash_log_glob, output_paths, source_entities
+from .io import write_bytes_atomic
+from .labels import ICV_ID, load_label_table, nichart_columns, nichart_volumes_row
+
+logger = logging.getLogger(__name__)
+
+GROUP_DIR = "group"
+ID_COLUMNS = [
+    "participant_id",
+    "session_id",
+    "acq",
+    "ce",
+    "rec",
+    "run",
+    "source",
+    "status",
+    "software_version",
+    "tta",
+]
+_ENTITY_COLUMNS = {"acq": "acquisition", "ce": "ceagent", "rec": "reconstruction", "run": "run"}
+
+
+def mrid(source: Path) -> str:
+    """NiChart's MRID of a T1w: its file name without extension and trailing ``_T1w``."""
+    return re.sub(r"_T1w?$", "", re.sub(r"\.nii(\.gz)?$", "", Path(source).name))
+
+
+def roi_columns() -> dict[int, str]:
+    """ROI id -> column name (the label table's short name), singles then derived."""
+    table = load_label_table()
+    rows = table[table["kind"] != "background"]
+    ordered = pd.concat(
+        [
+            rows[rows["kind"] == "single"].sort_values("index"),
+            rows[rows["kind"] == "derived"].sort_values("volume_order"),
+        ]
+    )
+    return {int(i): str(n) for i, n in zip(ordered["index"], ordered["name"], strict=True)}
+
+
+def _status(source: Path, output_dir: Path, logs: Path) -> str:
+    paths = output_paths(source, output_dir)
+    if paths["volumes"].is_file() and paths["dseg_json"].is_file():
+        return "ok"
+    if logs.is_dir() and any(logs.glob(crash_log_glob(source))):
+        return "failed"
+    return "missing"
+
+
+def collect_volumes(
+    t1w_files: Sequence[Path], bids_dir: Path, output_dir: Path
+) -> tuple[pd.DataFrame, list[dict]]:
+    """The group table (id columns, then one column per ROI) and NiChart rows of the ok images."""
+    columns = roi_columns()
+    logs = Path(output_dir) / LOGS_DIR
+    rows, nichart_rows = [], []
+    for source in t1w_files:
+        ent = source_entities(source)
+        row: dict = {
+            "participant_id": f"sub-{ent['subject']}",
+            "session_id": f"ses-{ent['session']}" if ent.get("session") else None,
+            **{col: ent.get(name) for col, name in _ENTITY_COLUMNS.items()},
+            "source": Path(source).absolute().relative_to(Path(bids_dir).absolute()).as_posix(),
+            "status": _status(source, output_dir, logs),
+        }
+        if row["run"] is not None:
+            row["run"] = str(row["run"])
+        if row["status"] == "ok":
+            paths = output_paths(source, output_dir)
+            table = pd.read_csv(paths["volumes"], sep="\t", na_values="n/a")
+            volumes = dict(zip(table["index"].astype(int), table["volume_mm3"], strict=True))
+            sidecar = json.loads(paths["dseg_json"].read_text(encoding="utf-8"))
+            row["software_version"] = sidecar.get("SoftwareVersion")
+            row["tta"] = sidecar.get("TestTimeAugmentation")
+            row.update({name: volumes.get(roi, np.nan) for roi, name in columns.items()})
+            nichart_rows.append(nichart_volumes_row(mrid(source), volumes))
+        rows.append(row)
+    frame = pd.DataFrame(rows, columns=[*ID_COLUMNS, *columns.values()])
+    return frame, nichart_rows
+
+
+def merge_participants(frame: pd.DataFrame, bids_dir: Path) -> pd.DataFrame:
+    """Add the columns of the raw dataset's ``participants.tsv`` (age, sex, ...)."""
+    path = Path(bids_dir) / "participants.tsv"
+    if not path.is_file():
+        return frame
+    extra = pd.read_csv(path, sep="\t", dtype=str, na_values="n/a", keep_default_na=False)
+    if "participant_id" not in extra.columns:
+        logger.warning("%s has no participant_id column; not merged", path)
+        return frame
+    extra = extra.drop_duplicates("participant_id")
+    keep = [c for c in extra.columns if c == "participant_id" or c not in frame.columns]
+    merged = frame.merge(extra[keep], on="participant_id", how="left")
+    first = [*ID_COLUMNS, *[c for c in keep if c != "participant_id"]]
+    return merged[first + [c for c in merged.columns if c not in first]]
+
+
+def icv_normalised(frame: pd.DataFrame) -> pd.DataFrame:
+    """ROI volumes as a fraction of the same image's ICV."""
+    columns = list(roi_columns().values())
+    out = frame.copy()
+    icv = out[roi_columns()[ICV_ID]].astype(float)
+    out[columns] = out[columns].astype(float).div(icv.where(icv > 0), axis=0)
+    return out
+
+
+def summary(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per ROI over the ok images: n, mean, sd, median, IQR (and its quartiles)."""
+    ok = frame[frame["status"] == "ok"]
+    rows = []
+    for name in roi_columns().values():
+        values = ok[name].astype(float).dropna()
+        q1, median, q3 = (values.quantile(q) for q in (0.25, 0.5, 0.75))
+        rows.append(
+            {
+                "roi": name,
+                "n": len(values),
+                "mean": values.mean(),
+                "sd": values.std(ddof=1),
+                "median": median,
+                "q1": q1,
+                "q3": q3,
+                "iqr": q3 - q1,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _tsv(frame: pd.DataFrame) -> bytes:
+    return frame.to_csv(sep="\t", index=False, na_rep="n/a", lineterminator="\n").encode()
+
+
+def write_group_tables(
+    t1w_files: Sequence[Path], bids_dir: Path, output_dir: Path
+) -> pd.DataFrame:
+    """Write the four group tables under ``output_dir/group``; return the main one."""
+    frame, nichart_rows = collect_volumes(t1w_files, bids_dir, output_dir)
+    frame = merge_participants(frame, bids_dir)
+    out = Path(output_dir) / GROUP_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(out / "dlmuse_volumes.tsv", _tsv(frame))
+    write_bytes_atomic(out / "dlmuse_volumes_icvnorm.tsv", _tsv(icv_normalised(frame)))
+    write_bytes_atomic(out / "dlmuse_volumes_summary.tsv", _tsv(summary(frame)))
+    nichart = pd.DataFrame(nichart_rows, columns=nichart_columns())
+    write_bytes_atomic(out / "DLMUSE_Volumes.csv", nichart.to_csv(index=False).encode())
+    return frame

@@ -1,0 +1,327 @@
+"""nipype interfaces over the pipeline steps, the model cache, and a BIDS derivatives sink.
+
+Each interface is a thin wrapper: load its inputs, call one function of
+:mod:`dlmuse_bids.pipeline` / :mod:`dlmuse_bids.labels` / :mod:`dlmuse_bids.bids`, save its
+outputs. Intermediate images are uncompressed float32/uint8 NIfTI files in the node's folder, so
+what one node hands the next is bit-for-bit what :meth:`DLMUSEPipeline.run` passes in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    File,
+    SimpleInterface,
+    TraitedSpec,
+    isdefined,
+    traits,
+)
+
+from .bids import Provenance, derivative_path, image_sidecar, write_json_atomic
+from .io import load_t1w, make_label_image, save_nifti_atomic, write_bytes_atomic
+from .labels import class_to_muse_lut, roi_volume_table
+from .pipeline import lps_zooms, mask_and_crop, paste_labels, to_native, to_reference_orientation
+
+logger = logging.getLogger(__name__)
+
+
+# -- the model cache ----------------------------------------------------------------------------
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@lru_cache(maxsize=4)
+def load_predictor(
+    folder: str, folds: tuple, device: str, tta: bool, step_size: float, threads: int
+):
+    """A predictor for a model folder, loaded once per process and then reused.
+
+    nipype's MultiProc keeps its worker processes for the whole run, so each worker loads each
+    model at most once, whatever the number of images.
+    """
+    from .models import load_trained_model
+    from .nnunet.predictor import InferenceOptions
+
+    options = InferenceOptions(
+        device=device, threads=threads, tile_step_size=step_size, use_mirroring=tta
+    )
+    model = load_trained_model(Path(folder), list(folds) or None)
+    logger.info("loaded %s (folds %s, %s) in process %d", folder, model.folds, device, os.getpid())
+    return model.predictor(options)
+
+
+def _save_like(data: np.ndarray, reference: nib.Nifti1Image, path: Path) -> str:
+    img = nib.Nifti1Image(data.astype(np.float32, copy=False), reference.affine, reference.header)
+    img.set_data_dtype(np.float32)
+    save_nifti_atomic(img, path)
+    return str(path)
+
+
+def _zooms(values) -> tuple[float, float, float]:
+    return tuple(float(z) for z in values)
+
+
+# -- pipeline steps ---------------------------------------------------------------------------
+class _ReorientInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="T1w image (.nii or .nii.gz)")
+
+
+class _ReorientOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="the T1w in LPS voxel order, float32")
+    zooms = traits.List(traits.Float, desc="voxel sizes (mm) every later step is told")
+    orientation = traits.Str(desc="axis codes of the source image, e.g. RAS")
+
+
+class ReorientToLPS(SimpleInterface):
+    """Check and load a T1w (:func:`dlmuse_bids.io.load_t1w`); reorient it to LPS."""
+
+    input_spec = _ReorientInputSpec
+    output_spec = _ReorientOutputSpec
+
+    def _run_interface(self, runtime):
+        img = load_t1w(self.inputs.in_file)
+        lps, _ = to_reference_orientation(img)
+        data = np.asarray(lps.dataobj, dtype=np.float32)
+        self._results["out_file"] = _save_like(data, lps, Path(runtime.cwd) / "t1w_lps.nii")
+        self._results["zooms"] = list(lps_zooms(lps))
+        self._results["orientation"] = "".join(nib.aff2axcodes(img.affine))
+        return runtime
+
+
+class _PredictInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="image to segment")
+    zooms = traits.List(traits.Float, minlen=3, maxlen=3, mandatory=True, desc="voxel sizes")
+    model_folder = traits.Str(mandatory=True, desc="nnU-Net trained-model folder")
+    folds = traits.List(desc="folds to average (empty: every fold present)")
+    checkpoint_sha256 = traits.Dict(desc="checkpoint digests (so a new model re-runs)")
+    device = traits.Enum("auto", "cpu", "cuda", usedefault=True, desc="where the network runs")
+    use_tta = traits.Bool(True, usedefault=True, desc="mirroring test-time augmentation")
+    step_size = traits.Float(0.5, usedefault=True, desc="sliding-window step (tile fraction)")
+    num_threads = traits.Int(1, usedefault=True, nohash=True, desc="torch CPU threads")
+    use_gpu = traits.Bool(
+        False,
+        usedefault=True,
+        nohash=True,
+        desc="may run on a GPU (nipype's MultiProc then runs one such node per GPU at a time)",
+    )
+
+
+class _PredictOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="the model's classes on the input grid (uint8)")
+    device = traits.Str(desc="where the network ran")
+    seconds = traits.Float(desc="inference time")
+
+
+class NNUnetPredict(SimpleInterface):
+    """One nnU-Net model on one image (the model cached per process)."""
+
+    input_spec = _PredictInputSpec
+    output_spec = _PredictOutputSpec
+
+    def _run_interface(self, runtime):
+        from .nnunet.predictor import PredictionInfo
+
+        device = resolve_device(self.inputs.device)
+        predictor = load_predictor(
+            self.inputs.model_folder,
+            tuple(self.inputs.folds) if isdefined(self.inputs.folds) else (),
+            device,
+            bool(self.inputs.use_tta),
+            float(self.inputs.step_size),
+            int(self.inputs.num_threads),
+        )
+        img = nib.load(self.inputs.in_file)
+        data = np.asarray(img.dataobj, dtype=np.float32)
+        info = PredictionInfo()
+        classes = predictor.predict(data, _zooms(self.inputs.zooms), info)
+        out = Path(runtime.cwd) / "classes.nii"
+        save_nifti_atomic(make_label_image(classes, img), out)
+        self._results.update(
+            out_file=str(out), device=device, seconds=float(sum(info.seconds.values()))
+        )
+        return runtime
+
+
+class _MaskCropInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="T1w in LPS order")
+    raw_mask = File(exists=True, mandatory=True, desc="DLICV's prediction")
+    zooms = traits.List(traits.Float, minlen=3, maxlen=3, mandatory=True, desc="voxel sizes")
+
+
+class _MaskCropOutputSpec(TraitedSpec):
+    icv_mask = File(exists=True, desc="kept ICV component (LPS grid, uint8)")
+    crop_file = File(exists=True, desc="masked T1w cropped around the ICV (DLMUSE's input)")
+    crop_box = traits.List(traits.List(traits.Int), desc="half-open crop box, LPS voxels")
+    selection = traits.Dict(desc="how the ICV component was chosen")
+
+
+class MaskAndCrop(SimpleInterface):
+    """Keep the ICV component, zero the T1w outside it and crop around it."""
+
+    input_spec = _MaskCropInputSpec
+    output_spec = _MaskCropOutputSpec
+
+    def _run_interface(self, runtime):
+        from dataclasses import asdict
+
+        img = nib.load(self.inputs.in_file)
+        data = np.asarray(img.dataobj, dtype=np.float32)
+        raw = np.asarray(nib.load(self.inputs.raw_mask).dataobj)
+        mask, selection, box, masked = mask_and_crop(data, raw, _zooms(self.inputs.zooms))
+        cwd = Path(runtime.cwd)
+        save_nifti_atomic(make_label_image(mask, img), cwd / "icv_mask_lps.nii")
+        crop_img = img.slicer[tuple(slice(a, b) for a, b in box)]
+        self._results["crop_file"] = _save_like(masked, crop_img, cwd / "t1w_crop.nii")
+        self._results["icv_mask"] = str(cwd / "icv_mask_lps.nii")
+        self._results["crop_box"] = [[int(a), int(b)] for a, b in box]
+        self._results["selection"] = asdict(selection)
+        return runtime
+
+
+class _PasteInputSpec(BaseInterfaceInputSpec):
+    source_file = File(exists=True, mandatory=True, desc="the T1w (defines the output grid)")
+    crop_labels = File(exists=True, mandatory=True, desc="DLMUSE's classes on the crop")
+    icv_mask = File(exists=True, mandatory=True, desc="kept ICV component (LPS)")
+    crop_box = traits.List(traits.List(traits.Int), mandatory=True, desc="crop box")
+
+
+class _PasteOutputSpec(TraitedSpec):
+    out_dseg = File(exists=True, desc="MUSE label map on the T1w grid")
+    out_mask = File(exists=True, desc="ICV mask on the T1w grid")
+
+
+class PasteLabels(SimpleInterface):
+    """MUSE ids, paste into the full grid, label 1 for unlabelled ICV, back to native order."""
+
+    input_spec = _PasteInputSpec
+    output_spec = _PasteOutputSpec
+
+    def _run_interface(self, runtime):
+        img = load_t1w(self.inputs.source_file)
+        classes = np.asarray(nib.load(self.inputs.crop_labels).dataobj)
+        mask = np.asarray(nib.load(self.inputs.icv_mask).dataobj)
+        box = tuple((a, b) for a, b in self.inputs.crop_box)
+        labels = paste_labels(classes, mask, box, class_to_muse_lut())
+        label_img, mask_img = to_native(labels, mask, img)
+        cwd = Path(runtime.cwd)
+        save_nifti_atomic(label_img, cwd / "dseg.nii.gz")
+        save_nifti_atomic(mask_img, cwd / "mask.nii.gz")
+        self._results.update(out_dseg=str(cwd / "dseg.nii.gz"), out_mask=str(cwd / "mask.nii.gz"))
+        return runtime
+
+
+class _VolumesInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="MUSE label map")
+
+
+class _VolumesOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="TSV: index, name, volume_mm3, n_voxels")
+
+
+class ROIVolumes(SimpleInterface):
+    """Volume of every single and derived ROI (:func:`dlmuse_bids.labels.roi_volume_table`)."""
+
+    input_spec = _VolumesInputSpec
+    output_spec = _VolumesOutputSpec
+
+    def _run_interface(self, runtime):
+        img = nib.load(self.inputs.in_file)
+        table = roi_volume_table(np.asanyarray(img.dataobj), img.header.get_zooms()[:3])
+        out = Path(runtime.cwd) / "volumes.tsv"
+        text = table.to_csv(sep="\t", index=False, na_rep="n/a", lineterminator="\n")
+        write_bytes_atomic(out, text.encode("utf-8"))
+        self._results["out_file"] = str(out)
+        return runtime
+
+
+# -- metadata and outputs -----------------------------------------------------------------------
+class _SidecarInputSpec(BaseInterfaceInputSpec):
+    source_file = File(mandatory=True, desc="the raw T1w")
+    bids_dir = traits.Str(mandatory=True, desc="root of the raw dataset")
+    provenance = traits.Dict(mandatory=True, desc="Provenance fields (software, models, TTA)")
+    device = traits.Str(mandatory=True, desc="where the networks ran")
+    selection = traits.Dict(mandatory=True, desc="how the ICV component was chosen")
+    orientation = traits.Str(mandatory=True, desc="source axis codes")
+
+
+class _SidecarOutputSpec(TraitedSpec):
+    dseg_meta = traits.Dict(desc="sidecar of the label map")
+    mask_meta = traits.Dict(desc="sidecar of the ICV mask")
+
+
+class SidecarMetadata(SimpleInterface):
+    """JSON sidecars of the label map and the mask (sources, provenance, what was decided)."""
+
+    input_spec = _SidecarInputSpec
+    output_spec = _SidecarOutputSpec
+
+    def _run_interface(self, runtime):
+        source, bids_dir = Path(self.inputs.source_file), Path(self.inputs.bids_dir)
+        prov = Provenance(**self.inputs.provenance)
+        common = {"Device": self.inputs.device, "SourceOrientation": self.inputs.orientation}
+        selection = dict(self.inputs.selection)
+        self._results["dseg_meta"] = image_sidecar(
+            source,
+            bids_dir,
+            prov,
+            Description="DLMUSE segmentation into MUSE regions (see seg-DLMUSE_dseg.tsv); "
+            "label 1: intracranial voxels outside every region",
+            **common,
+        )
+        self._results["mask_meta"] = image_sidecar(
+            source,
+            bids_dir,
+            prov,
+            Type="ROI",
+            Description="intracranial volume (ICV) mask from DLICV",
+            ICVComponentSelection=selection,
+            **common,
+        )
+        return runtime
+
+
+class _SinkInputSpec(BaseInterfaceInputSpec):
+    base_directory = traits.Str(mandatory=True, desc="root of the derivative dataset")
+    source_file = File(mandatory=True, desc="the raw T1w whose entities name the output")
+    in_file = File(exists=True, mandatory=True, desc="file to store")
+    entities = traits.Dict(mandatory=True, desc="entities replacing the source's suffix etc.")
+    metadata = traits.Dict(desc="JSON sidecar content (written after the file)")
+
+
+class _SinkOutputSpec(TraitedSpec):
+    out_file = File(desc="where the file went")
+    out_meta = File(desc="where its sidecar went")
+
+
+class DerivativesDataSink(SimpleInterface):
+    """Store a file under its pybids-built derivative name, atomically, with its sidecar."""
+
+    input_spec = _SinkInputSpec
+    output_spec = _SinkOutputSpec
+    always_run = True
+
+    def _run_interface(self, runtime):
+        source = Path(self.inputs.source_file)
+        base = Path(self.inputs.base_directory)
+        entities = dict(self.inputs.entities)
+        out = base / derivative_path(source, **entities)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(out, Path(self.inputs.in_file).read_bytes())
+        self._results["out_file"] = str(out)
+        if isdefined(self.inputs.metadata) and self.inputs.metadata:
+            meta = base / derivative_path(source, **{**entities, "extension": ".json"})
+            write_json_atomic(meta, self.inputs.metadata)
+            self._results["out_meta"] = str(meta)
+        return runtime

@@ -1,0 +1,147 @@
+"""Run settings of the BIDS App: frozen dataclasses built once from the command line.
+
+Nothing here reads ``sys.argv``; :func:`available_cpus` reads the machine's limits from files
+and the environment mapping it is given.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+
+#: nipype execution plugins that run on this machine or submit jobs to a scheduler.
+NIPYPE_PLUGINS = (
+    "Linear",
+    "MultiProc",
+    "LegacyMultiProc",
+    "SLURM",
+    "SGE",
+    "PBS",
+    "LSF",
+    "OAR",
+    "Condor",
+    "IPython",
+    "SLURMGraph",
+    "SGEGraph",
+    "PBSGraph",
+    "CondorDAGMan",
+)
+#: Plugins that submit the whole graph to a scheduler and return before it has run.
+GRAPH_PLUGINS = ("SLURMGraph", "SGEGraph", "PBSGraph", "CondorDAGMan")
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """How the networks run; the same for every image of a run."""
+
+    device: str = "auto"  # "auto", "cpu" or "cuda"; "auto" is resolved where the network runs
+    tta: bool = True
+    step_size: float = 0.5
+    threads: int = 1  # torch threads per network node
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A model folder and the identity of its checkpoints (for provenance and re-run checks)."""
+
+    name: str  # "DLICV" or "DLMUSE"
+    folder: Path
+    folds: tuple[int | str, ...]
+    sha256: Mapping[str, str]  # "fold_0" -> hex digest
+
+    def provenance(self) -> dict[str, Any]:
+        """JSON-ready description for sidecars."""
+        return {
+            "Name": self.name,
+            "Folder": self.folder.name,
+            "Dataset": self.folder.parent.name,
+            "Folds": list(self.folds),
+            "CheckpointSHA256": dict(self.sha256),
+        }
+
+
+@dataclass(frozen=True)
+class BIDSAppSettings:
+    """Everything a ``dlmuse-bids`` run needs, validated once by the command line."""
+
+    bids_dir: Path
+    output_dir: Path
+    analysis_level: str
+    participant_labels: tuple[str, ...] = ()
+    session_labels: tuple[str, ...] = ()
+    bids_filters: Mapping[str, Any] = field(default_factory=dict)
+    work_dir: Path | None = None
+    nprocs: int = 1
+    inference: InferenceSettings = field(default_factory=InferenceSettings)
+    model_dir: Path | None = None
+    skip_validation: bool = False
+    database_dir: Path | None = None
+    overwrite: bool = False
+    stop_on_first_crash: bool = False
+    plugin: str = "MultiProc"
+    plugin_args: Mapping[str, Any] = field(default_factory=dict)
+    verbosity: int = 0
+    container: Mapping[str, str] | None = None
+    version: str = __version__
+
+
+def _cgroup_cpu_limit(cgroup_root: Path) -> int | None:
+    """CPUs allowed by a cgroup v2 ``cpu.max`` or v1 CFS quota, if one is set."""
+    candidates = [
+        (cgroup_root / "cpu.max", None),
+        (cgroup_root / "cpu" / "cpu.cfs_quota_us", cgroup_root / "cpu" / "cpu.cfs_period_us"),
+        (cgroup_root / "cpu.cfs_quota_us", cgroup_root / "cpu.cfs_period_us"),
+    ]
+    for quota_file, period_file in candidates:
+        try:
+            if period_file is None:
+                quota, period = quota_file.read_text().split()[:2]
+            else:
+                quota, period = quota_file.read_text().strip(), period_file.read_text().strip()
+        except (OSError, ValueError):
+            continue
+        if quota in ("max", "-1"):
+            return None
+        try:
+            return max(1, math.ceil(int(quota) / int(period)))
+        except (ValueError, ZeroDivisionError):
+            return None
+    return None
+
+
+def available_cpus(
+    env: Mapping[str, str] | None = None, cgroup_root: Path = Path("/sys/fs/cgroup")
+) -> int:
+    """CPUs this process may use: the smallest of its affinity mask, the cgroup CPU quota and
+    ``SLURM_CPUS_PER_TASK`` (never ``os.cpu_count()``, which counts the whole node)."""
+    try:
+        limits = [len(os.sched_getaffinity(0))]
+    except AttributeError:  # pragma: no cover - not Linux
+        limits = [os.cpu_count() or 1]
+    quota = _cgroup_cpu_limit(cgroup_root)
+    if quota is not None:
+        limits.append(quota)
+    slurm = (env or {}).get("SLURM_CPUS_PER_TASK", "")
+    if slurm.strip().isdigit() and int(slurm) > 0:
+        limits.append(int(slurm))
+    return max(1, min(limits))
+
+
+def container_info(env: Mapping[str, str]) -> dict[str, str] | None:
+    """``GeneratedBy.Container`` when running in our Docker or Singularity/Apptainer image."""
+    for var, kind in (
+        ("APPTAINER_CONTAINER", "apptainer"),
+        ("SINGULARITY_CONTAINER", "singularity"),
+    ):
+        if env.get(var):
+            return {"Type": kind, "URI": env[var]}
+    if env.get("DLMUSE_BIDS_CONTAINER"):  # set in our Dockerfile: "docker:<image>:<tag>"
+        kind, _, tag = env["DLMUSE_BIDS_CONTAINER"].partition(":")
+        return {"Type": kind, "Tag": tag} if tag else {"Type": kind}
+    return None

@@ -1,0 +1,174 @@
+"""nipype workflow factories of the BIDS App's participant level."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import nibabel as nib
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+
+from .bids import OUTPUTS, Provenance
+from .interfaces import (
+    DerivativesDataSink,
+    MaskAndCrop,
+    NNUnetPredict,
+    PasteLabels,
+    ReorientToLPS,
+    ROIVolumes,
+    SidecarMetadata,
+)
+from .settings import InferenceSettings, ModelInfo
+
+#: Peak memory of one full-width network node per input voxel, measured by
+#: benchmarks/time_pipeline.py (4.2 GiB for a 176x238x169 scan, models included), with margin.
+_GIB_PER_VOXEL = 4.5 / (176 * 238 * 169)
+#: Nodes whose end means the image's outputs are all written.
+SINK_NODES = ("ds_dseg", "ds_mask", "ds_volumes")
+
+
+def workflow_name(source: Path) -> str:
+    """A nipype-safe, unique-per-file name for the sub-workflow of one T1w."""
+    stem = re.sub(r"\.nii(\.gz)?$", "", Path(source).name)
+    return "t1w_" + re.sub(r"[^0-9a-zA-Z]+", "_", stem).strip("_") + "_wf"
+
+
+def _network_mem_gb(source: Path) -> float:
+    try:
+        shape = nib.load(source).shape[:3]
+    except Exception:  # an unreadable file fails in its first node, with a clear error
+        return 2.0
+    n = int(shape[0]) * int(shape[1]) * int(shape[2])
+    return max(1.0, n * _GIB_PER_VOXEL)
+
+
+def gpu_scheduling(device: str) -> bool:
+    """Whether the network nodes should count as GPU jobs for nipype's MultiProc.
+
+    ``auto`` counts only when nipype itself sees a GPU (it then runs one such node per GPU).
+    """
+    if device == "auto":
+        from nipype.utils.gpu_count import gpu_count
+
+        return gpu_count() > 0
+    return device == "cuda"
+
+
+def init_dlmuse_wf(
+    *,
+    t1w: Path,
+    bids_dir: Path,
+    output_dir: Path,
+    models: Mapping[str, ModelInfo],
+    inference: InferenceSettings,
+    provenance: Provenance,
+    use_gpu: bool | None = None,
+    name: str | None = None,
+) -> pe.Workflow:
+    """DLICV + DLMUSE on one T1w, with its outputs written to the derivative dataset.
+
+    Nodes: reorient -> dlicv -> mask_crop -> dlmuse -> paste -> volumes, then the metadata and
+    three sinks (label map, ICV mask, volumes table). ``use_gpu`` defaults to
+    :func:`gpu_scheduling` of the device.
+    """
+    if use_gpu is None:
+        use_gpu = gpu_scheduling(inference.device)
+    workflow = pe.Workflow(name=name or workflow_name(t1w))
+    inputnode = pe.Node(niu.IdentityInterface(fields=["t1w"]), name="inputnode")
+    inputnode.inputs.t1w = str(t1w)
+
+    mem_gb = _network_mem_gb(t1w)
+    reorient = pe.Node(ReorientToLPS(), name="reorient", mem_gb=mem_gb / 4)
+    networks = {}
+    for key in ("DLICV", "DLMUSE"):
+        info = models[key]
+        node = pe.Node(
+            NNUnetPredict(
+                model_folder=str(info.folder),
+                folds=list(info.folds),
+                checkpoint_sha256=dict(info.sha256),
+                device=inference.device,
+                use_tta=inference.tta,
+                step_size=inference.step_size,
+                num_threads=inference.threads,
+                use_gpu=use_gpu,
+            ),
+            name=key.lower(),
+            n_procs=inference.threads,
+            mem_gb=mem_gb,
+        )
+        networks[key] = node
+    mask_crop = pe.Node(MaskAndCrop(), name="mask_crop", mem_gb=mem_gb / 4)
+    paste = pe.Node(PasteLabels(), name="paste", mem_gb=mem_gb / 4)
+    volumes = pe.Node(ROIVolumes(), name="volumes")
+    sidecars = pe.Node(
+        SidecarMetadata(bids_dir=str(bids_dir), provenance=asdict(provenance)), name="sidecars"
+    )
+    sinks = {}
+    for node_name, key in zip(SINK_NODES, ("dseg", "mask", "volumes"), strict=True):
+        sinks[key] = pe.Node(
+            DerivativesDataSink(base_directory=str(output_dir), entities=OUTPUTS[key]),
+            name=node_name,
+            run_without_submitting=True,
+        )
+
+    # fmt: off
+    workflow.connect([
+        (inputnode, reorient, [("t1w", "in_file")]),
+        (reorient, networks["DLICV"], [("out_file", "in_file"), ("zooms", "zooms")]),
+        (reorient, mask_crop, [("out_file", "in_file"), ("zooms", "zooms")]),
+        (networks["DLICV"], mask_crop, [("out_file", "raw_mask")]),
+        (mask_crop, networks["DLMUSE"], [("crop_file", "in_file")]),
+        (reorient, networks["DLMUSE"], [("zooms", "zooms")]),
+        (inputnode, paste, [("t1w", "source_file")]),
+        (networks["DLMUSE"], paste, [("out_file", "crop_labels")]),
+        (mask_crop, paste, [("icv_mask", "icv_mask"), ("crop_box", "crop_box")]),
+        (paste, volumes, [("out_dseg", "in_file")]),
+        (inputnode, sidecars, [("t1w", "source_file")]),
+        (networks["DLICV"], sidecars, [("device", "device")]),
+        (mask_crop, sidecars, [("selection", "selection")]),
+        (reorient, sidecars, [("orientation", "orientation")]),
+        (inputnode, sinks["dseg"], [("t1w", "source_file")]),
+        (paste, sinks["dseg"], [("out_dseg", "in_file")]),
+        (sidecars, sinks["dseg"], [("dseg_meta", "metadata")]),
+        (inputnode, sinks["mask"], [("t1w", "source_file")]),
+        (paste, sinks["mask"], [("out_mask", "in_file")]),
+        (sidecars, sinks["mask"], [("mask_meta", "metadata")]),
+        (inputnode, sinks["volumes"], [("t1w", "source_file")]),
+        (volumes, sinks["volumes"], [("out_file", "in_file")]),
+    ])
+    # fmt: on
+    return workflow
+
+
+def init_participant_wf(
+    *,
+    t1w_files: Sequence[Path],
+    bids_dir: Path,
+    output_dir: Path,
+    models: Mapping[str, ModelInfo],
+    inference: InferenceSettings,
+    provenance: Provenance,
+    name: str = "dlmuse_bids_wf",
+) -> pe.Workflow:
+    """One :func:`init_dlmuse_wf` per T1w, side by side (they share nothing)."""
+    workflow = pe.Workflow(name=name)
+    use_gpu = gpu_scheduling(inference.device)
+    for t1w in t1w_files:
+        workflow.add_nodes(
+            [
+                init_dlmuse_wf(
+                    t1w=t1w,
+                    bids_dir=bids_dir,
+                    output_dir=output_dir,
+                    models=models,
+                    inference=inference,
+                    provenance=provenance,
+                    use_gpu=use_gpu,
+                )
+            ]
+        )
+    return workflow

@@ -1,0 +1,49 @@
+"""dlmuse_bids.settings: CPU limits and container detection."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from dlmuse_bids.settings import available_cpus, container_info
+
+
+@pytest.fixture
+def affinity():
+    return len(os.sched_getaffinity(0))
+
+
+def test_no_limits_means_the_affinity_mask(tmp_path, affinity):
+    assert available_cpus({}, tmp_path) == affinity
+
+
+def test_slurm_cpus_per_task_limits(tmp_path):
+    assert available_cpus({"SLURM_CPUS_PER_TASK": "1"}, tmp_path) == 1
+    # nonsense values are ignored rather than trusted
+    assert available_cpus({"SLURM_CPUS_PER_TASK": "zero"}, tmp_path) >= 1
+
+
+@pytest.mark.parametrize(("content", "expected"), [("50000 100000", 1), ("max 100000", None)])
+def test_cgroup_v2_quota(tmp_path, affinity, content, expected):
+    (tmp_path / "cpu.max").write_text(content + "\n")
+    assert available_cpus({}, tmp_path) == (expected or affinity)
+
+
+def test_cgroup_v1_quota(tmp_path):
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert available_cpus({}, tmp_path) == 1
+
+
+def test_container_info():
+    assert container_info({}) is None
+    assert container_info({"APPTAINER_CONTAINER": "/x/dlmuse.sif"}) == {
+        "Type": "apptainer",
+        "URI": "/x/dlmuse.sif",
+    }
+    assert container_info({"DLMUSE_BIDS_CONTAINER": "docker:dlmuse-bids:0.1"}) == {
+        "Type": "docker",
+        "Tag": "dlmuse-bids:0.1",
+    }

@@ -1,0 +1,90 @@
+"""The nipype workflow gives exactly what DLMUSEPipeline.run gives, and loads models once."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from dlmuse_bids import interfaces
+from dlmuse_bids.bids import Provenance, output_paths
+from dlmuse_bids.io import load_t1w
+from dlmuse_bids.models import find_model, load_trained_model
+from dlmuse_bids.nnunet.predictor import InferenceOptions
+from dlmuse_bids.pipeline import DLMUSEPipeline
+from dlmuse_bids.settings import InferenceSettings, ModelInfo
+from dlmuse_bids.workflows import init_participant_wf, workflow_name
+from tests.conftest import needs_shared
+from tests.support.bids import write_scan
+
+pytestmark = needs_shared
+
+
+def _models(models_dir):
+    infos = {}
+    for key in ("DLICV", "DLMUSE"):
+        model = load_trained_model(find_model(key, [models_dir]))
+        infos[key] = ModelInfo(key, model.folder, tuple(model.folds), model.sha256)
+    return infos
+
+
+def test_workflow_equals_the_in_memory_pipeline(tiny_models, tmp_path):
+    raw = tmp_path / "raw"
+    sources = [
+        write_scan(raw, "sub-01/anat/sub-01_T1w.nii.gz", "sub-brainchop_T1w.nii.gz"),  # LIA
+        write_scan(raw, "sub-02/anat/sub-02_T1w.nii", "sub-dep01_T1w.nii.gz"),  # float32
+    ]
+    models = _models(tiny_models)
+    inference = InferenceSettings(device="cpu", tta=False, threads=1)
+    prov = Provenance("test", False, 0.5, {k: v.provenance() for k, v in models.items()})
+    out = tmp_path / "out"
+    wf = init_participant_wf(
+        t1w_files=sources,
+        bids_dir=raw,
+        output_dir=out,
+        models=models,
+        inference=inference,
+        provenance=prov,
+    )
+    wf.base_dir = str(tmp_path / "work")
+    interfaces.load_predictor.cache_clear()
+    wf.run(plugin="Linear")
+    # Linear runs every node in this process: each model was loaded exactly once
+    info = interfaces.load_predictor.cache_info()
+    assert (info.misses, info.hits) == (2, 2)
+
+    opts = InferenceOptions(device="cpu", threads=1, use_mirroring=False)
+    pipeline = DLMUSEPipeline(
+        load_trained_model(models["DLICV"].folder).predictor(opts),
+        load_trained_model(models["DLMUSE"].folder).predictor(opts),
+    )
+    for source in sources:
+        expected = pipeline.run(load_t1w(source))
+        paths = output_paths(source, out)
+        dseg, mask = nib.load(paths["dseg"]), nib.load(paths["mask"])
+        src = nib.load(source)
+        for img in (dseg, mask):
+            assert img.shape == src.shape
+            assert np.array_equal(img.affine, src.affine)
+            assert img.get_data_dtype() == np.uint8
+        assert np.array_equal(np.asarray(dseg.dataobj), np.asarray(expected.labels.dataobj))
+        assert np.array_equal(np.asarray(mask.dataobj), np.asarray(expected.icv_mask.dataobj))
+        table = pd.read_csv(paths["volumes"], sep="\t", na_values="n/a")
+        got = dict(zip(table["index"], table["volume_mm3"], strict=True))
+        for roi, volume in expected.volumes.items():
+            assert got[roi] == pytest.approx(volume, rel=1e-12)
+        meta = json.loads(paths["mask_json"].read_text())
+        assert meta["ICVComponentSelection"]["outcome"] == expected.selection.outcome
+        assert meta["Device"] == "cpu"
+
+
+def test_workflow_names_are_unique_and_safe(tmp_path):
+    names = {
+        workflow_name(tmp_path / n)
+        for n in ("sub-01_run-1_T1w.nii.gz", "sub-01_run-2_T1w.nii.gz", "sub-01_T1w.nii")
+    }
+    assert len(names) == 3
+    assert all(n.replace("_", "").isalnum() for n in names)
