@@ -214,6 +214,20 @@ def test_one_broken_t1w(tiny_models, tmp_path, capsys):
     }
 
 
+def test_stop_on_first_crash(tiny_models, tmp_path, capsys):
+    raw = make_dataset(tmp_path / "raw", [STANDARD_T1W[3], STANDARD_T1W[4]])
+    first = raw / "sub-02/anat/sub-02_T1w.nii.gz"
+    first.write_bytes(b"not a nifti at all")
+    out = tmp_path / "out"
+    args = [*FAST, "--nipype-plugin", "Linear", "--stop-on-first-crash"]
+    assert _run(raw, out, *args, models=tiny_models) == 1
+    assert not list(out.rglob("*_dseg.nii.gz"))
+    err = capsys.readouterr().err
+    assert "0 processed, 0 skipped (outputs up to date), 2 failed" in err
+    assert "sub-03_T1w.nii.gz: not run: stopped at the first failure" in err
+    assert len(list((out / "logs").glob("crash-*-sub-02_T1w-*.txt"))) == 1
+
+
 @pytest.fixture
 def small_dataset(tmp_path):
     return make_dataset(tmp_path / "raw", [STANDARD_T1W[3]])

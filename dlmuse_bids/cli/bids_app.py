@@ -23,7 +23,14 @@ from ..settings import (
     InferenceSettings,
     available_cpus,
 )
-from .common import EXIT_CANT_CREATE, EXIT_NO_INPUT, EXIT_USAGE, Parser, positive_int
+from .common import (
+    EXIT_CANT_CREATE,
+    EXIT_NO_INPUT,
+    EXIT_USAGE,
+    Parser,
+    nipype_log_level,
+    positive_int,
+)
 
 logger = logging.getLogger("dlmuse_bids")
 
@@ -205,20 +212,17 @@ def make_settings(args: argparse.Namespace, env: Mapping[str, str]) -> BIDSAppSe
 
 
 def setup_logging(verbosity: int) -> None:
-    """Our messages at WARNING (-v: INFO, -vv: DEBUG); nipype's one step quieter."""
+    """Our messages at WARNING (-v: INFO, -vv: DEBUG); nipype's see :func:`nipype_log_level`."""
     level = logging.WARNING - 10 * min(verbosity, 2)
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     logging.getLogger("dlmuse_bids").setLevel(level)
-    nipype_level = logging.WARNING if verbosity < 2 else logging.INFO
-    if verbosity >= 3:
-        nipype_level = logging.DEBUG
     import nipype  # noqa: F401 - nipype sets its loggers' levels when imported; then we do
 
     for name in ("nipype.workflow", "nipype.interface", "nipype.utils"):
         nipype_logger = logging.getLogger(name)
-        nipype_logger.setLevel(nipype_level)
+        nipype_logger.setLevel(nipype_log_level(verbosity))
         nipype_logger.propagate = False  # nipype has its own handler; avoid every line twice
 
 

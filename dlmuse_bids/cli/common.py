@@ -34,3 +34,13 @@ def setup_logging(verbosity: int) -> None:
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+
+
+def nipype_log_level(verbosity: int) -> str:
+    """nipype's log level for a ``-v`` count.
+
+    By default nipype says nothing: a failing node's traceback goes to its crash file and the
+    run's summary gives the one-line reason. ``-v`` shows its warnings and errors, ``-vv`` every
+    node, ``-vvv`` debug output.
+    """
+    return ("CRITICAL", "WARNING", "INFO")[verbosity] if verbosity < 3 else "DEBUG"

@@ -26,7 +26,13 @@ from ..bids import (
     write_dataset_files,
 )
 from ..settings import GRAPH_PLUGINS, BIDSAppSettings, ModelInfo
-from .common import EXIT_CANT_CREATE, EXIT_NO_INPUT, EXIT_OK, EXIT_SOME_FAILED
+from .common import (
+    EXIT_CANT_CREATE,
+    EXIT_NO_INPUT,
+    EXIT_OK,
+    EXIT_SOME_FAILED,
+    nipype_log_level,
+)
 
 logger = logging.getLogger("dlmuse_bids")
 
@@ -190,7 +196,7 @@ def _nipype_config(work_dir: Path, verbosity: int) -> None:
     Workers import nipype afresh and read ``$NIPYPE_CONFIG_DIR/nipype.cfg``; without this they
     would log every node at INFO whatever ``-v`` says.
     """
-    level = "WARNING" if verbosity < 2 else ("INFO" if verbosity < 3 else "DEBUG")
+    level = nipype_log_level(verbosity)
     config_dir = work_dir / "nipype-config"
     config_dir.mkdir(parents=True, exist_ok=True)
     (config_dir / "nipype.cfg").write_text(
@@ -319,9 +325,13 @@ def run_participant(settings: BIDSAppSettings) -> int:
     for source in todo:
         if outputs_current(source, settings.output_dir, provenance):
             outcomes.append(Outcome(source, "processed"))
+        elif source in crashes:
+            reason = _reason(crashes[source]).removeprefix(f"{source}: ")
+            outcomes.append(Outcome(source, "failed", reason, crashes[source]))
+        elif settings.stop_on_first_crash and crashes:
+            outcomes.append(Outcome(source, "failed", "not run: stopped at the first failure"))
         else:
-            crash = crashes.get(source)
-            outcomes.append(Outcome(source, "failed", _reason(crash), crash))
+            outcomes.append(Outcome(source, "failed", "did not complete (see the log)"))
     return _summary(outcomes, time.monotonic() - start)
 
 
