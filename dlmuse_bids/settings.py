@@ -80,6 +80,7 @@ class BIDSAppSettings:
     nprocs: int = 1
     inference: InferenceSettings = field(default_factory=InferenceSettings)
     model_dir: Path | None = None
+    offline: bool = False  # --offline; the environment's say is added where models are fetched
     skip_validation: bool = False
     database_dir: Path | None = None
     overwrite: bool = False

@@ -122,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: $DLMUSE_MODEL_DIR, then the per-user cache)",
     )
     run.add_argument(
+        "--offline",
+        action="store_true",
+        help="never download the model weights (also: DLMUSE_OFFLINE=1 or HF_HUB_OFFLINE=1; "
+        "always so inside the container images, which have them built in)",
+    )
+    run.add_argument(
         "--no-tta",
         action="store_true",
         help="disable mirroring test-time augmentation (about 8x faster, less exact)",
@@ -200,6 +206,7 @@ def make_settings(args: argparse.Namespace, env: Mapping[str, str]) -> BIDSAppSe
             device=args.device, tta=not args.no_tta, step_size=0.5, threads=threads
         ),
         model_dir=args.model_dir,
+        offline=args.offline,
         skip_validation=args.skip_bids_validation,
         database_dir=args.bids_database_dir.absolute() if args.bids_database_dir else None,
         overwrite=args.overwrite,
@@ -260,7 +267,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         return run_group(settings)
     from .participant import run_participant
 
-    return run_participant(settings)
+    return run_participant(settings, env)
 
 
 def _unwritable(output_dir: Path) -> str | None:

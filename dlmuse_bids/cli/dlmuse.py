@@ -28,6 +28,7 @@ from .common import (
     positive_int,
     setup_logging,
 )
+from .models_cmd import add_models_parser, ensure_models, run_models
 
 logger = logging.getLogger("dlmuse_bids")
 
@@ -126,7 +127,13 @@ def build_dlmuse_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="recompute images whose outputs already exist (default: keep them)",
     )
+    run.add_argument(
+        "--offline",
+        action="store_true",
+        help="never download missing models (also: DLMUSE_OFFLINE=1 or HF_HUB_OFFLINE=1)",
+    )
     _add_inference_options(run)
+    add_models_parser(sub)
     return parser
 
 
@@ -198,7 +205,7 @@ class _Outcome:
 def _cmd_run(args: argparse.Namespace) -> int:
     from ..io import InputImageError, load_t1w, save_nifti_atomic
     from ..labels import nichart_volumes_row, write_nichart_csv
-    from ..models import ModelError, find_model, model_search_dirs
+    from ..models import ModelError, find_model
     from ..pipeline import DLMUSEPipeline
 
     out_dir: Path = args.output_dir
@@ -229,7 +236,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     options = _options(args)
     try:
-        dirs = model_search_dirs(args.model_dir, os.environ)
+        dirs = ensure_models(args.model_dir, args.offline, os.environ)
         pipeline = DLMUSEPipeline(
             _predictor(find_model("DLICV", dirs), None, options),
             _predictor(find_model("DLMUSE", dirs), None, options),
@@ -303,7 +310,9 @@ def dlmuse_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``dlmuse``; returns the exit code."""
     parser = build_dlmuse_parser()
     args = parser.parse_args(argv)
-    setup_logging(args.verbose)
+    setup_logging(getattr(args, "verbose", 0))
     if args.command == "predict":
         return _cmd_predict(args)
+    if args.command == "models":
+        return run_models(args)
     return _cmd_run(args)

@@ -9,6 +9,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -33,6 +34,7 @@ from .common import (
     EXIT_SOME_FAILED,
     nipype_log_level,
 )
+from .models_cmd import ensure_models
 
 logger = logging.getLogger("dlmuse_bids")
 
@@ -41,13 +43,13 @@ def _say(message: str) -> None:
     print(f"dlmuse-bids: {message}", file=sys.stderr, flush=True)
 
 
-def load_models(settings: BIDSAppSettings) -> dict[str, ModelInfo]:
+def load_models(settings: BIDSAppSettings, env: Mapping[str, str]) -> dict[str, ModelInfo]:
     """Find both models, load them once on the CPU to check them, and record their identity."""
-    from ..models import find_model, load_trained_model, model_search_dirs
+    from ..models import find_model, load_trained_model
     from ..nnunet.predictor import InferenceOptions
     from ..pipeline import check_models
 
-    dirs = model_search_dirs(settings.model_dir, os.environ)
+    dirs = ensure_models(settings.model_dir, settings.offline, env)
     infos, predictors = {}, {}
     for key in ("DLICV", "DLMUSE"):
         model = load_trained_model(find_model(key, dirs))
@@ -263,7 +265,7 @@ def _run_workflow(todo: list[Path], settings: BIDSAppSettings, models, provenanc
             shutil.rmtree(crash_dir, ignore_errors=True)
 
 
-def run_participant(settings: BIDSAppSettings) -> int:
+def run_participant(settings: BIDSAppSettings, env: Mapping[str, str]) -> int:
     """The participant level; returns the exit code."""
     from dataclasses import asdict
 
@@ -292,7 +294,7 @@ def run_participant(settings: BIDSAppSettings) -> int:
         _say(str(exc))
         return exc.exit_code
     try:
-        models = load_models(settings)
+        models = load_models(settings, env)
     except ModelError as exc:
         _say(str(exc))
         return EXIT_NO_INPUT

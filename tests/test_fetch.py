@@ -1,0 +1,184 @@
+"""dlmuse_bids.fetch and ``dlmuse models``: the real download code against a loopback server."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import pytest
+
+from dlmuse_bids import fetch
+from dlmuse_bids.cli import dlmuse_main
+from dlmuse_bids.cli.models_cmd import ensure_models, offline_reason
+from dlmuse_bids.models import ModelNotFoundError, find_model, load_trained_model
+from tests.conftest import needs_shared, synthetic_head
+from tests.support.hfserver import FakeHub, HubServer, manifest_of
+
+pytestmark = needs_shared
+
+
+@pytest.fixture
+def hub(tiny_models):
+    """A loopback 'HuggingFace' serving the tiny test models under the official paths."""
+    manifest, served = manifest_of(tiny_models, fetch.official_files())
+    state = FakeHub(served)
+    with HubServer(state) as server:
+        yield server, manifest
+
+
+def _checkpoints(manifest):
+    return [m for m in manifest if m.sha256 is not None]
+
+
+def _url_path(item):
+    return f"/{item.repo}/resolve/main/{item.path}"
+
+
+def test_fetch_installs_loadable_models(hub, tmp_path):
+    server, manifest = hub
+    dest = tmp_path / "models"
+    fetched = fetch.fetch_models(dest, endpoint=server.endpoint, files=manifest)
+    assert len(fetched) == len(manifest) == 6
+    assert fetch.verify_models(dest, manifest) == []
+    for key in ("DLICV", "DLMUSE"):
+        model = load_trained_model(find_model(key, [dest]))
+        assert model.folds == [0]
+    assert not list(dest.rglob("*.part"))
+    # a second fetch finds everything in place and downloads nothing
+    assert fetch.fetch_models(dest, endpoint=server.endpoint, files=manifest) == []
+    assert max(server.hub.gets.values()) == 1
+
+
+def test_resume_after_a_cut_connection(hub, tmp_path):
+    server, manifest = hub
+    for item in _checkpoints(manifest):
+        server.hub.cut_once.add(_url_path(item))
+    dest = tmp_path / "models"
+    fetch.fetch_models(dest, endpoint=server.endpoint, files=manifest)
+    assert fetch.verify_models(dest, manifest) == []
+    resumed = {path for path, header in server.hub.ranges if header != "bytes=0-"}
+    assert resumed == {_url_path(item) for item in _checkpoints(manifest)}
+
+
+def test_resume_from_a_previous_partial_file(hub, tmp_path):
+    server, manifest = hub
+    item = _checkpoints(manifest)[0]
+    dest = tmp_path / "models"
+    part = dest / (item.dest + ".part")
+    part.parent.mkdir(parents=True)
+    part.write_bytes(server.hub.files[_url_path(item)][:1000])
+    fetch.fetch_models(dest, endpoint=server.endpoint, files=manifest)
+    assert (_url_path(item), "bytes=1000-") in server.hub.ranges
+    assert fetch.verify_models(dest, manifest) == []
+
+
+def test_wrong_checksum_fails_loudly_and_leaves_nothing(hub, tmp_path):
+    server, manifest = hub
+    bad = _checkpoints(manifest)[1]
+    server.hub.corrupt.add(_url_path(bad))
+    dest = tmp_path / "models"
+    with pytest.raises(fetch.ChecksumError, match="sha256"):
+        fetch.fetch_models(dest, endpoint=server.endpoint, files=manifest)
+    assert not (dest / bad.dest).exists()
+    assert not list(dest.rglob("*.part"))
+
+
+def test_server_down(tmp_path):
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    item = fetch.RemoteFile("nichart/DLICV", "x.json", "x.json")
+    with pytest.raises(fetch.FetchError, match="cannot connect"):
+        fetch.download(f"http://127.0.0.1:{port}/x.json", tmp_path / "x.json", item)
+
+
+def test_concurrent_fetches_share_one_download(hub, tmp_path):
+    server, manifest = hub
+    server.hub.delay = 0.01
+    dest = tmp_path / "models"
+    errors = []
+
+    def job():
+        try:
+            fetch.fetch_models(dest, endpoint=server.endpoint, files=manifest)
+        except Exception as exc:  # pragma: no cover - the failure being tested for
+            errors.append(exc)
+
+    threads = [threading.Thread(target=job) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert fetch.verify_models(dest, manifest) == []
+    assert set(server.hub.gets.values()) == {1}  # the lock made the others wait, then reuse
+
+
+def test_offline_rules():
+    assert offline_reason(False, {}) is None
+    assert offline_reason(True, {}) == "--offline"
+    assert offline_reason(False, {"DLMUSE_OFFLINE": "1"}) == "DLMUSE_OFFLINE=1"
+    assert offline_reason(False, {"HF_HUB_OFFLINE": "1"}) == "HF_HUB_OFFLINE=1"
+    assert offline_reason(False, {"HF_HUB_OFFLINE": "0"}) is None
+    assert "container" in offline_reason(False, {"DLMUSE_BIDS_CONTAINER": "docker:x:1"})
+
+
+def test_first_use_fetches_only_when_allowed(hub, tmp_path, monkeypatch):
+    server, manifest = hub
+    monkeypatch.setattr(fetch, "official_files", lambda: manifest)
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "HF_ENDPOINT": server.endpoint}
+    with pytest.raises(ModelNotFoundError, match="Not downloading them: --offline"):
+        ensure_models(None, True, env)
+    with pytest.raises(ModelNotFoundError, match="container"):
+        ensure_models(None, False, {**env, "APPTAINER_CONTAINER": "/x.sif"})
+    with pytest.raises(ModelNotFoundError):  # an explicit --model-dir is never filled in
+        ensure_models(tmp_path / "mine", False, env)
+    assert not server.hub.gets
+    dirs = ensure_models(None, False, env)
+    assert find_model("DLMUSE", dirs).is_relative_to(tmp_path / "cache")
+
+
+def test_dlmuse_models_commands(hub, tmp_path, monkeypatch, capsys):
+    server, manifest = hub
+    monkeypatch.setattr(fetch, "official_files", lambda: manifest)
+    monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("DLMUSE_MODEL_DIR", raising=False)
+    dest = tmp_path / "models"
+    assert dlmuse_main(["models", "fetch", "--dest", str(dest)]) == 0
+    err = capsys.readouterr().err
+    assert "non-commercial" in err and "models ready (6 file(s) downloaded)" in err
+    assert dlmuse_main(["models", "verify", str(dest)]) == 0
+    ckpt = dest / _checkpoints(manifest)[0].dest
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
+    assert dlmuse_main(["models", "verify", str(dest)]) == 65
+    assert "sha256" in capsys.readouterr().err
+    monkeypatch.setenv("DLMUSE_MODEL_DIR", str(dest))
+    assert dlmuse_main(["models", "path"]) == 0
+    out = capsys.readouterr()
+    assert out.out.splitlines()[0] == str(dest)
+    assert "DLICV: " in out.err
+    server.hub.corrupt.add(_url_path(_checkpoints(manifest)[0]))
+    assert dlmuse_main(["models", "fetch", "--dest", str(dest)]) == 65
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    assert dlmuse_main(["models", "fetch", "--dest", str(tmp_path / "other")]) == 69
+
+
+def test_dlmuse_run_fetches_on_first_use(hub, tmp_path, monkeypatch):
+    server, manifest = hub
+    monkeypatch.setattr(fetch, "official_files", lambda: manifest)
+    monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("DLMUSE_MODEL_DIR", raising=False)
+    for var in ("DLMUSE_OFFLINE", "HF_HUB_OFFLINE", "DLMUSE_BIDS_CONTAINER"):
+        monkeypatch.delenv(var, raising=False)
+    import nibabel as nib
+
+    head = tmp_path / "sub-01_T1w.nii.gz"
+    nib.save(synthetic_head(), head)
+    out = tmp_path / "out"
+    assert dlmuse_main(["run", str(head), "-o", str(out), "--offline", "--no-tta"]) == 66
+    assert dlmuse_main(["run", str(head), "-o", str(out), "--no-tta"]) == 0
+    assert (out / "sub-01_T1w_DLMUSE.nii.gz").is_file()
+    assert sum(server.hub.gets.values()) == 6
