@@ -28,7 +28,7 @@ PATTERNS = [
     "sub-{subject}[/ses-{session}]/{datatype<anat>|anat}/sub-{subject}[_ses-{session}]"
     "[_acq-{acquisition}][_ce-{ceagent}][_rec-{reconstruction}][_run-{run}][_echo-{echo}]"
     "[_part-{part}][_chunk-{chunk}][_seg-{segmentation}][_desc-{desc}]"
-    "_{suffix<dseg|mask|volumes>}{extension<.nii.gz|.json|.tsv>|.nii.gz}"
+    "_{suffix<dseg|mask|volumes|qc>}{extension<.nii.gz|.json|.tsv>|.nii.gz}"
 ]
 #: The outputs of one T1w: key -> entities that replace the source's suffix/extension.
 OUTPUTS: dict[str, dict[str, str]] = {
@@ -37,10 +37,11 @@ OUTPUTS: dict[str, dict[str, str]] = {
     "mask": {"desc": "icv", "suffix": "mask", "extension": ".nii.gz"},
     "mask_json": {"desc": "icv", "suffix": "mask", "extension": ".json"},
     "volumes": {"segmentation": "DLMUSE", "suffix": "volumes", "extension": ".tsv"},
+    "qc": {"segmentation": "DLMUSE", "suffix": "qc", "extension": ".tsv"},
 }
 DSEG_TSV = "seg-DLMUSE_dseg.tsv"
 LOGS_DIR = "logs"
-BIDSIGNORE = ("*_volumes.tsv", "group/", "logs/")
+BIDSIGNORE = ("*_volumes.tsv", "*_qc.tsv", "group/", "logs/")
 BIDS_VERSION = "1.10.0"
 CODE_URL = "https://github.com/dlmuse-bids/dlmuse-bids"
 RAW_LINK = "raw"  # the DatasetLinks name of the input dataset in BIDS URIs

@@ -65,24 +65,42 @@ def _status(source: Path, output_dir: Path, logs: Path) -> str:
     return "missing"
 
 
+def _id_row(source: Path, bids_dir: Path, output_dir: Path) -> dict:
+    """The identifying columns of one T1w and its status."""
+    ent = source_entities(source)
+    row: dict = {
+        "participant_id": f"sub-{ent['subject']}",
+        "session_id": f"ses-{ent['session']}" if ent.get("session") else None,
+        **{col: ent.get(name) for col, name in _ENTITY_COLUMNS.items()},
+        "source": Path(source).absolute().relative_to(Path(bids_dir).absolute()).as_posix(),
+        "status": _status(source, output_dir, Path(output_dir) / LOGS_DIR),
+    }
+    if row["run"] is not None:
+        row["run"] = str(row["run"])
+    return row
+
+
+def collect_qc(t1w_files: Sequence[Path], bids_dir: Path, output_dir: Path) -> pd.DataFrame:
+    """Every image's QC row (see :mod:`dlmuse_bids.qc`) after its id columns and status."""
+    rows = []
+    for source in t1w_files:
+        row = _id_row(source, bids_dir, output_dir)
+        qc_file = output_paths(source, output_dir)["qc"]
+        if row["status"] == "ok" and qc_file.is_file():
+            qc_row = pd.read_csv(qc_file, sep="\t", na_values="n/a", keep_default_na=False)
+            row.update(qc_row.iloc[0].to_dict())
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def collect_volumes(
     t1w_files: Sequence[Path], bids_dir: Path, output_dir: Path
 ) -> tuple[pd.DataFrame, list[dict]]:
     """The group table (id columns, then one column per ROI) and NiChart rows of the ok images."""
     columns = roi_columns()
-    logs = Path(output_dir) / LOGS_DIR
     rows, nichart_rows = [], []
     for source in t1w_files:
-        ent = source_entities(source)
-        row: dict = {
-            "participant_id": f"sub-{ent['subject']}",
-            "session_id": f"ses-{ent['session']}" if ent.get("session") else None,
-            **{col: ent.get(name) for col, name in _ENTITY_COLUMNS.items()},
-            "source": Path(source).absolute().relative_to(Path(bids_dir).absolute()).as_posix(),
-            "status": _status(source, output_dir, logs),
-        }
-        if row["run"] is not None:
-            row["run"] = str(row["run"])
+        row = _id_row(source, bids_dir, output_dir)
         if row["status"] == "ok":
             paths = output_paths(source, output_dir)
             table = pd.read_csv(paths["volumes"], sep="\t", na_values="n/a")
@@ -151,7 +169,7 @@ def _tsv(frame: pd.DataFrame) -> bytes:
 def write_group_tables(
     t1w_files: Sequence[Path], bids_dir: Path, output_dir: Path
 ) -> pd.DataFrame:
-    """Write the four group tables under ``output_dir/group``; return the main one."""
+    """Write the group tables under ``output_dir/group``; return the volumes table."""
     frame, nichart_rows = collect_volumes(t1w_files, bids_dir, output_dir)
     frame = merge_participants(frame, bids_dir)
     out = Path(output_dir) / GROUP_DIR
@@ -159,6 +177,7 @@ def write_group_tables(
     write_bytes_atomic(out / "dlmuse_volumes.tsv", _tsv(frame))
     write_bytes_atomic(out / "dlmuse_volumes_icvnorm.tsv", _tsv(icv_normalised(frame)))
     write_bytes_atomic(out / "dlmuse_volumes_summary.tsv", _tsv(summary(frame)))
+    write_bytes_atomic(out / "dlmuse_qc.tsv", _tsv(collect_qc(t1w_files, bids_dir, output_dir)))
     nichart = pd.DataFrame(nichart_rows, columns=nichart_columns())
     write_bytes_atomic(out / "DLMUSE_Volumes.csv", nichart.to_csv(index=False).encode())
     return frame

@@ -69,6 +69,12 @@ def _save_like(data: np.ndarray, reference: nib.Nifti1Image, path: Path) -> str:
     return str(path)
 
 
+def _write_tsv(frame, path: Path) -> str:
+    text = frame.to_csv(sep="\t", index=False, na_rep="n/a", lineterminator="\n")
+    write_bytes_atomic(path, text.encode("utf-8"))
+    return str(path)
+
+
 def _zooms(values) -> tuple[float, float, float]:
     return tuple(float(z) for z in values)
 
@@ -239,10 +245,39 @@ class ROIVolumes(SimpleInterface):
     def _run_interface(self, runtime):
         img = nib.load(self.inputs.in_file)
         table = roi_volume_table(np.asanyarray(img.dataobj), img.header.get_zooms()[:3])
-        out = Path(runtime.cwd) / "volumes.tsv"
-        text = table.to_csv(sep="\t", index=False, na_rep="n/a", lineterminator="\n")
-        write_bytes_atomic(out, text.encode("utf-8"))
-        self._results["out_file"] = str(out)
+        self._results["out_file"] = _write_tsv(table, Path(runtime.cwd) / "volumes.tsv")
+        return runtime
+
+
+class _QCInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="MUSE label map")
+    selection = traits.Dict(mandatory=True, desc="how the ICV component was chosen")
+    orientation = traits.Str(mandatory=True, desc="source axis codes")
+
+
+class _QCOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="TSV: one row of QC measures and flags")
+
+
+class QCMeasures(SimpleInterface):
+    """Automatic QC measures and flags (:func:`dlmuse_bids.qc.qc_row`)."""
+
+    input_spec = _QCInputSpec
+    output_spec = _QCOutputSpec
+
+    def _run_interface(self, runtime):
+        import pandas as pd
+
+        from .qc import qc_row
+
+        img = nib.load(self.inputs.in_file)
+        row = qc_row(
+            np.asanyarray(img.dataobj),
+            tuple(float(z) for z in img.header.get_zooms()[:3]),
+            component_outcome=self.inputs.selection.get("outcome"),
+            orientation=self.inputs.orientation,
+        )
+        self._results["out_file"] = _write_tsv(pd.DataFrame([row]), Path(runtime.cwd) / "qc.tsv")
         return runtime
 
 

@@ -17,6 +17,7 @@ from .interfaces import (
     MaskAndCrop,
     NNUnetPredict,
     PasteLabels,
+    QCMeasures,
     ReorientToLPS,
     ROIVolumes,
     SidecarMetadata,
@@ -27,7 +28,7 @@ from .settings import InferenceSettings, ModelInfo
 #: benchmarks/time_pipeline.py (4.2 GiB for a 176x238x169 scan, models included), with margin.
 _GIB_PER_VOXEL = 4.5 / (176 * 238 * 169)
 #: Nodes whose end means the image's outputs are all written.
-SINK_NODES = ("ds_dseg", "ds_mask", "ds_volumes")
+SINK_NODES = ("ds_dseg", "ds_mask", "ds_volumes", "ds_qc")
 
 
 def workflow_name(source: Path) -> str:
@@ -70,8 +71,8 @@ def init_dlmuse_wf(
 ) -> pe.Workflow:
     """DLICV + DLMUSE on one T1w, with its outputs written to the derivative dataset.
 
-    Nodes: reorient -> dlicv -> mask_crop -> dlmuse -> paste -> volumes, then the metadata and
-    three sinks (label map, ICV mask, volumes table). ``use_gpu`` defaults to
+    Nodes: reorient -> dlicv -> mask_crop -> dlmuse -> paste -> volumes and qc, then the
+    metadata and four sinks (label map, ICV mask, volumes table, QC table). ``use_gpu`` defaults to
     :func:`gpu_scheduling` of the device.
     """
     if use_gpu is None:
@@ -104,11 +105,12 @@ def init_dlmuse_wf(
     mask_crop = pe.Node(MaskAndCrop(), name="mask_crop", mem_gb=mem_gb / 4)
     paste = pe.Node(PasteLabels(), name="paste", mem_gb=mem_gb / 4)
     volumes = pe.Node(ROIVolumes(), name="volumes")
+    qc = pe.Node(QCMeasures(), name="qc")
     sidecars = pe.Node(
         SidecarMetadata(bids_dir=str(bids_dir), provenance=asdict(provenance)), name="sidecars"
     )
     sinks = {}
-    for node_name, key in zip(SINK_NODES, ("dseg", "mask", "volumes"), strict=True):
+    for node_name, key in zip(SINK_NODES, ("dseg", "mask", "volumes", "qc"), strict=True):
         sinks[key] = pe.Node(
             DerivativesDataSink(base_directory=str(output_dir), entities=OUTPUTS[key]),
             name=node_name,
@@ -139,6 +141,11 @@ def init_dlmuse_wf(
         (sidecars, sinks["mask"], [("mask_meta", "metadata")]),
         (inputnode, sinks["volumes"], [("t1w", "source_file")]),
         (volumes, sinks["volumes"], [("out_file", "in_file")]),
+        (paste, qc, [("out_dseg", "in_file")]),
+        (mask_crop, qc, [("selection", "selection")]),
+        (reorient, qc, [("orientation", "orientation")]),
+        (inputnode, sinks["qc"], [("t1w", "source_file")]),
+        (qc, sinks["qc"], [("out_file", "in_file")]),
     ])
     # fmt: on
     return workflow

@@ -182,6 +182,10 @@ def test_group_level(first_run, dataset, tiny_models):
     icv = summary.set_index("roi").loc["ICV"]
     assert icv["n"] == len(STANDARD_T1W)
     assert icv["mean"] == pytest.approx(table["ICV"].mean())
+    qc_table = pd.read_csv(out / "group" / "dlmuse_qc.tsv", sep="\t", keep_default_na=False)
+    assert len(qc_table) == len(STANDARD_T1W)
+    assert {"icv_l", "brain_icv_ratio", "qc_flags", "orientation"} <= set(qc_table.columns)
+    assert set(qc_table["orientation"]) >= {"LIA"}  # sub-02 is the FreeSurfer-conformed scan
     nichart = pd.read_csv(out / "group" / "DLMUSE_Volumes.csv", dtype={"MRID": str})
     assert len(nichart) == len(STANDARD_T1W)
     assert list(nichart.columns[1:]) == [f"DL_MUSE_Volume_{i}" for i in volume_roi_ids()]
@@ -255,7 +259,7 @@ def test_participant_and_session_labels(tiny_models, tmp_path, capsys):
         path.unlink()
     assert _run(raw, out, *args, "--nipype-plugin", "Linear", models=tiny_models) == 0
     assert results[0].stat().st_mtime_ns == stamp
-    assert len(list(out.rglob("sub-01_ses-2_acq-fast_*"))) == 5
+    assert len(list(out.rglob("sub-01_ses-2_acq-fast_*"))) == 6
 
 
 def test_exit_codes(small_dataset, tiny_models, tmp_path, capsys):

@@ -126,7 +126,7 @@ def test_participant_output_templates_match_derivative_names(descriptor):
     assert templates["dataset_description"] == "[OUTPUT_DIR]/dataset_description.json"
     assert templates["dseg_table"] == f"[OUTPUT_DIR]/{DSEG_TSV}"
     assert templates["logs"] == f"[OUTPUT_DIR]/{LOGS_DIR}"
-    for key in ("dseg", "mask", "volumes"):
+    for key in ("dseg", "mask", "volumes", "qc"):
         pattern = templates[f"participant_{key}"]
         pattern = pattern.replace("[OUTPUT_DIR]", "out").replace("[PARTICIPANT_LABEL]", "01")
         for name in ("sub-01_T1w.nii.gz", "sub-01_acq-fast_run-2_T1w.nii"):

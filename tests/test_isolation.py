@@ -117,7 +117,7 @@ def test_babs_style_run_gives_a_zip_friendly_tree(tiny_models, tmp_path):
     assert not [f for f in files if f.endswith((".tmp", ".part", ".lock"))]
     assert not [f for f in files if f.startswith("sub-") and not f.startswith("sub-03/")]
     assert {".bidsignore", "dataset_description.json", "seg-DLMUSE_dseg.tsv"} <= set(files)
-    assert len([f for f in files if f.startswith("sub-03/anat/")]) == 5
+    assert len([f for f in files if f.startswith("sub-03/anat/")]) == 6
     archive = tmp_path / "dlmuse.zip"
     with zipfile.ZipFile(archive, "w") as zf:
         for f in files:
