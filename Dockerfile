@@ -5,8 +5,9 @@
 #   docker build --build-arg FETCH_MODELS=0 -t dlmuse/dlmuse-bids:ci .  # without (CI-size)
 #
 # The PyTorch wheel brings its own CUDA libraries (the cuda-toolkit/nvidia-* wheels), so the
-# CUDA "base" image is enough: it adds the NVIDIA container settings and the driver requirement
-# (torch 2.13.0 from PyPI is built for CUDA 13.0: NVIDIA driver >= 580). For older drivers,
+# CUDA "base" image is enough: it adds the NVIDIA container settings and the driver requirement.
+# The default base matches the CUDA 13 wheels PyPI serves for recent torch releases (check the
+# nvidia-* wheels pip installs; their CUDA version sets the minimum driver). For older drivers,
 # build with a CUDA 12 base and the matching wheel index, e.g.
 #   --build-arg CUDA_BASE=nvidia/cuda:12.8.1-base-ubuntu24.04 \
 #   --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
