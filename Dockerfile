@@ -6,8 +6,8 @@
 #
 # The PyTorch wheel brings its own CUDA libraries (the cuda-toolkit/nvidia-* wheels), so the
 # CUDA "base" image is enough: it adds the NVIDIA container settings and the driver requirement.
-# The default base matches the CUDA 13 wheels PyPI serves for recent torch releases (check the
-# nvidia-* wheels pip installs; their CUDA version sets the minimum driver). For older drivers,
+# torch 2.13.0 from PyPI depends on cuda-toolkit 13.0 (pip's resolver), so the default base is
+# CUDA 13.0; NVIDIA documents driver >= 580 for it (not tested here). For older drivers,
 # build with a CUDA 12 base and the matching wheel index, e.g.
 #   --build-arg CUDA_BASE=nvidia/cuda:12.8.1-base-ubuntu24.04 \
 #   --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
