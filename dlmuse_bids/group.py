@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Sequence
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +18,13 @@ import pandas as pd
 
 from .bids import LOGS_DIR, crash_log_glob, output_paths, source_entities
 from .io import write_bytes_atomic
-from .labels import ICV_ID, load_label_table, nichart_columns, nichart_volumes_row
+from .labels import (
+    ICV_ID,
+    load_label_table,
+    nichart_columns,
+    nichart_mrid,
+    nichart_volumes_row,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -38,13 +44,13 @@ ID_COLUMNS = [
 _ENTITY_COLUMNS = {"acq": "acquisition", "ce": "ceagent", "rec": "reconstruction", "run": "run"}
 
 
-def mrid(source: Path) -> str:
-    """NiChart's MRID of a T1w: its file name without extension and trailing ``_T1w``."""
-    return re.sub(r"_T1w?$", "", re.sub(r"\.nii(\.gz)?$", "", Path(source).name))
-
-
 def roi_columns() -> dict[int, str]:
     """ROI id -> column name (the label table's short name), singles then derived."""
+    return dict(_roi_columns())
+
+
+@cache
+def _roi_columns() -> tuple[tuple[int, str], ...]:
     table = load_label_table()
     rows = table[table["kind"] != "background"]
     ordered = pd.concat(
@@ -53,7 +59,7 @@ def roi_columns() -> dict[int, str]:
             rows[rows["kind"] == "derived"].sort_values("volume_order"),
         ]
     )
-    return {int(i): str(n) for i, n in zip(ordered["index"], ordered["name"], strict=True)}
+    return tuple((int(i), str(n)) for i, n in zip(ordered["index"], ordered["name"], strict=True))
 
 
 def _status(source: Path, output_dir: Path, logs: Path) -> str:
@@ -109,7 +115,7 @@ def collect_volumes(
             row["software_version"] = sidecar.get("SoftwareVersion")
             row["tta"] = sidecar.get("TestTimeAugmentation")
             row.update({name: volumes.get(roi, np.nan) for roi, name in columns.items()})
-            nichart_rows.append(nichart_volumes_row(mrid(source), volumes))
+            nichart_rows.append(nichart_volumes_row(nichart_mrid(source), volumes))
         rows.append(row)
     frame = pd.DataFrame(rows, columns=[*ID_COLUMNS, *columns.values()])
     return frame, nichart_rows
@@ -133,9 +139,10 @@ def merge_participants(frame: pd.DataFrame, bids_dir: Path) -> pd.DataFrame:
 
 def icv_normalised(frame: pd.DataFrame) -> pd.DataFrame:
     """ROI volumes as a fraction of the same image's ICV."""
-    columns = list(roi_columns().values())
+    names = roi_columns()
+    columns = list(names.values())
     out = frame.copy()
-    icv = out[roi_columns()[ICV_ID]].astype(float)
+    icv = out[names[ICV_ID]].astype(float)
     out[columns] = out[columns].astype(float).div(icv.where(icv > 0), axis=0)
     return out
 

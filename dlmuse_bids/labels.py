@@ -21,9 +21,11 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from functools import cache
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -256,6 +258,18 @@ def derived_roi_volumes(single_volumes: Mapping[int, float]) -> dict[int, float]
         raise ValueError(f"single volumes lack ids: {_format_ids(missing)}")
     # fsum: exact sums, independent of member order
     return {roi: math.fsum(float(single_volumes[m]) for m in ids) for roi, ids in members.items()}
+
+
+_NIFTI_EXT = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)
+_T1_SUFFIX = re.compile(r"_T1w?$", re.IGNORECASE)
+
+
+def nichart_mrid(path: str | os.PathLike[str]) -> str:
+    """NiChart's MRID: the file name without extension and without a trailing ``_T1w``/``_T1``.
+
+    Never NiChart's own common-suffix stripping, which turns ``sub-01_T1w`` into ``sub-0``.
+    """
+    return _T1_SUFFIX.sub("", _NIFTI_EXT.sub("", Path(path).name))
 
 
 def nichart_columns() -> list[str]:

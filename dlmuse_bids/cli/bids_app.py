@@ -30,7 +30,9 @@ from .common import (
     Parser,
     nipype_log_level,
     positive_int,
+    unwritable,
 )
+from .common import setup_logging as common_setup_logging
 
 logger = logging.getLogger("dlmuse_bids")
 
@@ -219,12 +221,8 @@ def make_settings(args: argparse.Namespace, env: Mapping[str, str]) -> BIDSAppSe
 
 
 def setup_logging(verbosity: int) -> None:
-    """Our messages at WARNING (-v: INFO, -vv: DEBUG); nipype's see :func:`nipype_log_level`."""
-    level = logging.WARNING - 10 * min(verbosity, 2)
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
-    logging.getLogger("dlmuse_bids").setLevel(level)
+    """Ours as :func:`common.setup_logging`; nipype's see :func:`nipype_log_level`."""
+    common_setup_logging(verbosity)
     import nipype  # noqa: F401 - nipype sets its loggers' levels when imported; then we do
 
     for name in ("nipype.workflow", "nipype.interface", "nipype.utils"):
@@ -257,7 +255,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     if not settings.bids_dir.is_dir():
         print(f"dlmuse-bids: {settings.bids_dir}: input dataset not found", file=sys.stderr)
         return EXIT_NO_INPUT
-    problem = _unwritable(settings.output_dir)
+    problem = unwritable(settings.output_dir)
     if problem:
         print(f"dlmuse-bids: {settings.output_dir}: {problem}", file=sys.stderr)
         return EXIT_CANT_CREATE
@@ -268,15 +266,3 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     from .participant import run_participant
 
     return run_participant(settings, env)
-
-
-def _unwritable(output_dir: Path) -> str | None:
-    """Why ``output_dir`` cannot take outputs, or None."""
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / f".dlmuse-bids-write-test-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
-    except OSError as exc:
-        return f"output directory not writable ({exc.strerror or exc})"
-    return None

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from pathlib import Path
 
 # BIDS-Apps / sysexits exit codes
 EXIT_OK = 0
@@ -21,6 +23,18 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
+def unwritable(directory: Path) -> str | None:
+    """Why ``directory`` cannot take outputs (created if missing), or None."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".dlmuse-write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        return f"output directory not writable ({exc.strerror or exc})"
+    return None
+
+
 def positive_int(value: str) -> int:
     n = int(value)
     if n < 1:
@@ -34,6 +48,7 @@ def setup_logging(verbosity: int) -> None:
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    logging.getLogger("dlmuse_bids").setLevel(level)  # also when the root was set up already
 
 
 def nipype_log_level(verbosity: int) -> str:

@@ -27,6 +27,7 @@ from .common import (
     Parser,
     positive_int,
     setup_logging,
+    unwritable,
 )
 from .models_cmd import add_models_parser, ensure_models, run_models
 
@@ -181,7 +182,6 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 _EXT = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)
-_T1_SUFFIX = re.compile(r"_T1w?$", re.IGNORECASE)
 
 
 def image_name(path: Path) -> str:
@@ -190,8 +190,10 @@ def image_name(path: Path) -> str:
 
 
 def subject_id(path: Path) -> str:
-    """NiChart's MRID: the file name without extension and without a trailing ``_T1w``/``_T1``."""
-    return _T1_SUFFIX.sub("", image_name(path))
+    """NiChart's MRID of an input (:func:`dlmuse_bids.labels.nichart_mrid`)."""
+    from ..labels import nichart_mrid
+
+    return nichart_mrid(path)
 
 
 @dataclass
@@ -209,16 +211,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from ..pipeline import DLMUSEPipeline
 
     out_dir: Path = args.output_dir
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".dlmuse-write-test-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
-    except OSError as exc:
-        print(
-            f"dlmuse: {out_dir}: output directory not writable ({exc.strerror or exc})",
-            file=sys.stderr,
-        )
+    problem = unwritable(out_dir)
+    if problem:
+        print(f"dlmuse: {out_dir}: {problem}", file=sys.stderr)
         return EXIT_CANT_CREATE
 
     names: dict[str, Path] = {}

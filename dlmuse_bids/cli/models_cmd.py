@@ -29,9 +29,9 @@ def offline_reason(flag: bool, env: Mapping[str, str]) -> str | None:
 
 def fetch_destination(env: Mapping[str, str]) -> Path:
     """Where first-use fetches go: ``$DLMUSE_MODEL_DIR``, else the per-user cache."""
-    from ..models import default_cache_dir
+    from ..models import model_search_dirs
 
-    return Path(env["DLMUSE_MODEL_DIR"]) if env.get("DLMUSE_MODEL_DIR") else default_cache_dir(env)
+    return model_search_dirs(None, env)[0]
 
 
 class ProgressPrinter:
