@@ -44,9 +44,9 @@ COPY dlmuse_bids/ dlmuse_bids/
 RUN python -m pip install --no-cache-dir . \
     && python -c "import importlib.util as u, sys; bad = [m for m in ('torchvision', 'timm', 'nnunetv2') if u.find_spec(m)]; sys.exit(f'unwanted packages installed: {bad}' if bad else 0)"
 
-# TemplateFlow is a dependency but not used today; give it a populated, read-only home so that
-# importing it never tries to create one (the stub comes with the package: nothing is downloaded).
-RUN TEMPLATEFLOW_HOME=/opt/templateflow python -c "import templateflow.conf"
+# The template of the orientation check (MNI152NLin2009cAsym, res-02 T1w and brain mask, a few
+# MB) from TemplateFlow, into a read-only home: nothing is downloaded at run time.
+RUN python -c "from pathlib import Path; from dlmuse_bids.template import fetch_template; print(fetch_template(Path('/opt/templateflow')))"
 
 # The official weights (CBICA, non-commercial licence), fetched and checked (size, sha256) now,
 # so that nothing is downloaded at run time. FETCH_MODELS=0 builds an image without them (CI);

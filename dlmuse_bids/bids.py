@@ -28,8 +28,15 @@ PATTERNS = [
     "sub-{subject}[/ses-{session}]/{datatype<anat>|anat}/sub-{subject}[_ses-{session}]"
     "[_acq-{acquisition}][_ce-{ceagent}][_rec-{reconstruction}][_run-{run}][_echo-{echo}]"
     "[_part-{part}][_chunk-{chunk}][_seg-{segmentation}][_desc-{desc}]"
-    "_{suffix<dseg|mask|volumes|qc>}{extension<.nii.gz|.json|.tsv>|.nii.gz}"
+    "_{suffix<dseg|mask|volumes|qc>}{extension<.nii.gz|.json|.tsv>|.nii.gz}",
+    "sub-{subject}[/ses-{session}]/{datatype<anat>|anat}/sub-{subject}[_ses-{session}]"
+    "[_acq-{acquisition}][_ce-{ceagent}][_rec-{reconstruction}][_run-{run}][_echo-{echo}]"
+    "[_part-{part}][_chunk-{chunk}]_from-{from}_to-{to}_mode-{mode<image|points>}"
+    "_{suffix<xfm>}{extension<.txt|.h5>}",
 ]
+#: The template of the orientation check (the name TemplateFlow and BIDS use; must equal
+#: :data:`dlmuse_bids.template.TEMPLATE`, which this module does not import to stay torch-free).
+TEMPLATE_NAME = "MNI152NLin2009cAsym"
 #: The outputs of one T1w: key -> entities that replace the source's suffix/extension.
 OUTPUTS: dict[str, dict[str, str]] = {
     "dseg": {"segmentation": "DLMUSE", "suffix": "dseg", "extension": ".nii.gz"},
@@ -38,10 +45,21 @@ OUTPUTS: dict[str, dict[str, str]] = {
     "mask_json": {"desc": "icv", "suffix": "mask", "extension": ".json"},
     "volumes": {"segmentation": "DLMUSE", "suffix": "volumes", "extension": ".tsv"},
     "qc": {"segmentation": "DLMUSE", "suffix": "qc", "extension": ".tsv"},
+    # the affine of the template check; written only when the template was available
+    "xfm": {
+        "from": "T1w",
+        "to": TEMPLATE_NAME,
+        "mode": "image",
+        "suffix": "xfm",
+        "extension": ".txt",
+    },
 }
+#: Outputs that exist only when the template check ran.
+OPTIONAL_OUTPUTS = ("xfm",)
 DSEG_TSV = "seg-DLMUSE_dseg.tsv"
 LOGS_DIR = "logs"
-BIDSIGNORE = ("*_volumes.tsv", "*_qc.tsv", "group/", "logs/")
+#: Outputs the BIDS schema has no rule for yet (transforms: BIDS-Derivatives, not the validator).
+BIDSIGNORE = ("*_volumes.tsv", "*_qc.tsv", "*_xfm.txt", "group/", "logs/")
 BIDS_VERSION = "1.10.0"
 CODE_URL = "https://github.com/dlmuse-bids/dlmuse-bids"
 RAW_LINK = "raw"  # the DatasetLinks name of the input dataset in BIDS URIs
@@ -262,6 +280,7 @@ class Provenance:
     tta: bool
     step_size: float
     models: Mapping[str, Mapping[str, Any]]  # name -> ModelInfo.provenance()
+    template: str | None = None  # the template of the orientation check, None when skipped
 
     def metadata(self) -> dict[str, Any]:
         """Sidecar fields (merged into every image's JSON)."""
@@ -271,6 +290,7 @@ class Provenance:
             "TestTimeAugmentation": self.tta,
             "TileStepSize": self.step_size,
             "Models": {name: dict(info) for name, info in self.models.items()},
+            "TemplateCheck": self.template,
         }
 
     def matches(self, sidecar: Mapping[str, Any]) -> bool:
@@ -281,6 +301,7 @@ class Provenance:
             sidecar.get("SoftwareVersion") == mine["SoftwareVersion"]
             and sidecar.get("TestTimeAugmentation") == mine["TestTimeAugmentation"]
             and sidecar.get("TileStepSize") == mine["TileStepSize"]
+            and sidecar.get("TemplateCheck") == mine["TemplateCheck"]
             and set(theirs_models) == set(mine["Models"])
             and all(
                 theirs_models[name].get("CheckpointSHA256") == info["CheckpointSHA256"]
@@ -297,9 +318,13 @@ def image_sidecar(
 
 
 def outputs_current(source: Path, output_dir: Path, provenance: Provenance) -> bool:
-    """Every output of ``source`` exists and both sidecars carry the same provenance."""
+    """Every output of ``source`` exists and both sidecars carry the same provenance.
+
+    The template check's transform counts only when this run has a template.
+    """
     paths = output_paths(source, output_dir)
-    if not all(p.is_file() for p in paths.values()):
+    optional = OPTIONAL_OUTPUTS if provenance.template is None else ()
+    if not all(p.is_file() for key, p in paths.items() if key not in optional):
         return False
     for key in ("dseg_json", "mask_json"):
         try:

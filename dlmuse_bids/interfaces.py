@@ -249,10 +249,53 @@ class ROIVolumes(SimpleInterface):
         return runtime
 
 
+class _TemplateInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="T1w (any voxel order)")
+    icv_mask = File(exists=True, mandatory=True, desc="ICV mask on the T1w's grid")
+    template_name = traits.Str(mandatory=True, desc="TemplateFlow name of the template")
+    template_t1w = File(exists=True, mandatory=True, desc="the template's T1w")
+    template_mask = File(exists=True, mandatory=True, desc="the template's brain mask")
+
+
+class _TemplateOutputSpec(TraitedSpec):
+    out_xfm = File(desc="ITK affine, template -> T1w points (resamples T1w); none if skipped")
+    measures = traits.Dict(desc="rotation, scale, NCC, eTIV (dlmuse_bids.qc.template_measures)")
+
+
+class TemplateCheck(SimpleInterface):
+    """Align the ICV-masked T1w to the template (:mod:`dlmuse_bids.template`)."""
+
+    input_spec = _TemplateInputSpec
+    output_spec = _TemplateOutputSpec
+
+    def _run_interface(self, runtime):
+        from .qc import template_measures
+        from .template import itk_affine_text, register_to_template
+
+        try:
+            fit = register_to_template(
+                nib.load(self.inputs.in_file),
+                nib.load(self.inputs.icv_mask),
+                nib.load(self.inputs.template_t1w),
+                nib.load(self.inputs.template_mask),
+            )
+        except ValueError as exc:  # an empty mask: QC says why, nothing to store
+            self._results["measures"] = {"skipped": str(exc)}
+            return runtime
+        out = Path(runtime.cwd) / "xfm.txt"
+        write_bytes_atomic(out, itk_affine_text(fit.matrix).encode("ascii"))
+        self._results["out_xfm"] = str(out)
+        self._results["measures"] = template_measures(
+            self.inputs.template_name, fit.rotation_deg, fit.scale, fit.ncc, fit.etiv_l
+        )
+        return runtime
+
+
 class _QCInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="MUSE label map")
     selection = traits.Dict(mandatory=True, desc="how the ICV component was chosen")
     orientation = traits.Str(mandatory=True, desc="source axis codes")
+    template = traits.Dict(desc="template check measures, or {'skipped': reason}")
 
 
 class _QCOutputSpec(TraitedSpec):
@@ -276,6 +319,7 @@ class QCMeasures(SimpleInterface):
             tuple(float(z) for z in img.header.get_zooms()[:3]),
             component_outcome=self.inputs.selection.get("outcome"),
             orientation=self.inputs.orientation,
+            template=self.inputs.template if isdefined(self.inputs.template) else None,
         )
         self._results["out_file"] = _write_tsv(pd.DataFrame([row]), Path(runtime.cwd) / "qc.tsv")
         return runtime
@@ -289,6 +333,7 @@ class _SidecarInputSpec(BaseInterfaceInputSpec):
     device = traits.Str(mandatory=True, desc="where the networks ran")
     selection = traits.Dict(mandatory=True, desc="how the ICV component was chosen")
     orientation = traits.Str(mandatory=True, desc="source axis codes")
+    seconds = traits.List(traits.Float, desc="DLICV and DLMUSE inference times")
 
 
 class _SidecarOutputSpec(TraitedSpec):
@@ -306,6 +351,10 @@ class SidecarMetadata(SimpleInterface):
         source, bids_dir = Path(self.inputs.source_file), Path(self.inputs.bids_dir)
         prov = Provenance(**self.inputs.provenance)
         common = {"Device": self.inputs.device, "SourceOrientation": self.inputs.orientation}
+        if isdefined(self.inputs.seconds):
+            common["InferenceSeconds"] = dict(
+                zip(("DLICV", "DLMUSE"), (round(t, 2) for t in self.inputs.seconds), strict=True)
+            )
         selection = dict(self.inputs.selection)
         self._results["dseg_meta"] = image_sidecar(
             source,
@@ -330,7 +379,7 @@ class SidecarMetadata(SimpleInterface):
 class _SinkInputSpec(BaseInterfaceInputSpec):
     base_directory = traits.Str(mandatory=True, desc="root of the derivative dataset")
     source_file = File(mandatory=True, desc="the raw T1w whose entities name the output")
-    in_file = File(exists=True, mandatory=True, desc="file to store")
+    in_file = File(exists=True, desc="file to store (nothing is stored when it is undefined)")
     entities = traits.Dict(mandatory=True, desc="entities replacing the source's suffix etc.")
     metadata = traits.Dict(desc="JSON sidecar content (written after the file)")
 
@@ -351,6 +400,8 @@ class DerivativesDataSink(SimpleInterface):
         source = Path(self.inputs.source_file)
         base = Path(self.inputs.base_directory)
         entities = dict(self.inputs.entities)
+        if not isdefined(self.inputs.in_file):
+            return runtime
         out = base / derivative_path(source, **entities)
         out.parent.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(out, Path(self.inputs.in_file).read_bytes())

@@ -108,6 +108,33 @@ RULES: tuple[Rule, ...] = (
         "anything else means the intracranial mask is fragmented, empty or ambiguous",
     ),
     Rule(
+        "template-rotation",
+        "template_rotation_deg",
+        None,
+        30.0,
+        "the models were trained on heads turned by at most 30 degrees from the standard (LPS) "
+        "pose; a head that needs a larger rotation to meet the MNI template has a wrong "
+        "orientation in its header (swapped or flipped axes), and its labels cannot be trusted",
+    ),
+    Rule(
+        "etiv-mismatch",
+        "icv_etiv_ratio",
+        0.85,
+        1.15,
+        "the template alignment's scale gives an ICV estimate independent of DLICV (an eTIV); "
+        "when the two disagree by more than 15 % the ICV mask is too small or too large, or the "
+        "alignment failed",
+    ),
+    Rule(
+        "template-misfit",
+        "template_ncc",
+        0.5,
+        None,
+        "after the best affine alignment the masked scan should correlate with the masked "
+        "template (0.85-0.95 on real scans); below 0.5 it does not look like a brain there, so "
+        "the ICV mask or the image is wrong and the template measures mean nothing",
+    ),
+    Rule(
         "coarse-voxels",
         "max_voxel_mm",
         None,
@@ -141,8 +168,13 @@ def measures(
     *,
     component_outcome: str | None = None,
     orientation: str | None = None,
+    template: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The QC measures of one label map (MUSE ids, any orientation)."""
+    """The QC measures of one label map (MUSE ids, any orientation).
+
+    ``template`` holds the template alignment (:func:`template_measures`), or a ``"skipped"``
+    reason, or is ``None`` when no check was run.
+    """
     voxel = voxel_volume_mm3(zooms)
     counts = single_roi_counts(labels)
     single = {roi: n * voxel for roi, n in counts.items()}
@@ -175,6 +207,43 @@ def measures(
         "voxel_mm": "x".join(f"{z:.3g}" for z in zooms),
         "max_voxel_mm": float(max(zooms)),
         "orientation": orientation or "n/a",
+        **_template_columns(template, icv / 1e6),
+    }
+
+
+def template_measures(
+    name: str, rotation_deg: float, scale: float, ncc: float, etiv_l: float
+) -> dict[str, Any]:
+    """What the QC table keeps of a template alignment (see :mod:`dlmuse_bids.template`)."""
+    return {
+        "template": name,
+        "template_rotation_deg": rotation_deg,
+        "template_scale": scale,
+        "template_ncc": ncc,
+        "etiv_l": etiv_l,
+    }
+
+
+def _template_columns(template: Mapping[str, Any] | None, icv_l: float) -> dict[str, Any]:
+    nan = float("nan")
+    if not template or "skipped" in template:
+        reason = (template or {}).get("skipped", "not run")
+        return {
+            "template_check": f"skipped: {reason}",
+            "template_rotation_deg": nan,
+            "template_scale": nan,
+            "template_ncc": nan,
+            "etiv_l": nan,
+            "icv_etiv_ratio": nan,
+        }
+    etiv = float(template["etiv_l"])
+    return {
+        "template_check": str(template["template"]),
+        "template_rotation_deg": float(template["template_rotation_deg"]),
+        "template_scale": float(template["template_scale"]),
+        "template_ncc": float(template["template_ncc"]),
+        "etiv_l": etiv,
+        "icv_etiv_ratio": icv_l / etiv if etiv > 0 else nan,
     }
 
 

@@ -11,9 +11,12 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
+
+if TYPE_CHECKING:  # the template module needs torch; settings stay light
+    from .template import TemplateFiles
 
 #: nipype execution plugins that run on this machine or submit jobs to a scheduler.
 NIPYPE_PLUGINS = (
@@ -89,6 +92,8 @@ class BIDSAppSettings:
     plugin_args: Mapping[str, Any] = field(default_factory=dict)
     verbosity: int = 0
     container: Mapping[str, str] | None = None
+    template: TemplateFiles | None = None  # the orientation check's template, when available
+    template_note: str = "no template given"  # why there is no template
     version: str = __version__
 
 

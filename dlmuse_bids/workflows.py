@@ -21,14 +21,23 @@ from .interfaces import (
     ReorientToLPS,
     ROIVolumes,
     SidecarMetadata,
+    TemplateCheck,
 )
 from .settings import InferenceSettings, ModelInfo
+from .template import TemplateFiles
 
 #: Peak memory of one full-width network node per input voxel, measured by
 #: benchmarks/time_pipeline.py (4.2 GiB for a 176x238x169 scan, models included), with margin.
 _GIB_PER_VOXEL = 4.5 / (176 * 238 * 169)
 #: Nodes whose end means the image's outputs are all written.
 SINK_NODES = ("ds_dseg", "ds_mask", "ds_volumes", "ds_qc")
+#: The sink of the template check's transform (present when a template is available).
+XFM_SINK = "ds_xfm"
+
+
+def sink_nodes(template: bool) -> tuple[str, ...]:
+    """The sinks of one image's sub-workflow."""
+    return (*SINK_NODES, XFM_SINK) if template else SINK_NODES
 
 
 def workflow_name(source: Path) -> str:
@@ -66,13 +75,17 @@ def init_dlmuse_wf(
     models: Mapping[str, ModelInfo],
     inference: InferenceSettings,
     provenance: Provenance,
+    template: TemplateFiles | None = None,
+    template_note: str = "no template given",
     use_gpu: bool | None = None,
     name: str | None = None,
 ) -> pe.Workflow:
     """DLICV + DLMUSE on one T1w, with its outputs written to the derivative dataset.
 
     Nodes: reorient -> dlicv -> mask_crop -> dlmuse -> paste -> volumes and qc, then the
-    metadata and four sinks (label map, ICV mask, volumes table, QC table). ``use_gpu`` defaults to
+    metadata and four sinks (label map, ICV mask, volumes table, QC table). With a ``template``,
+    the ICV-masked T1w is aligned to it (its measures go to the QC table, its transform to a fifth
+    sink); without one, the QC table says why (``template_note``). ``use_gpu`` defaults to
     :func:`gpu_scheduling` of the device.
     """
     if use_gpu is None:
@@ -106,6 +119,7 @@ def init_dlmuse_wf(
     paste = pe.Node(PasteLabels(), name="paste", mem_gb=mem_gb / 4)
     volumes = pe.Node(ROIVolumes(), name="volumes")
     qc = pe.Node(QCMeasures(), name="qc")
+    seconds = pe.Node(niu.Merge(2), name="seconds", run_without_submitting=True)
     sidecars = pe.Node(
         SidecarMetadata(bids_dir=str(bids_dir), provenance=asdict(provenance)), name="sidecars"
     )
@@ -146,6 +160,35 @@ def init_dlmuse_wf(
         (reorient, qc, [("orientation", "orientation")]),
         (inputnode, sinks["qc"], [("t1w", "source_file")]),
         (qc, sinks["qc"], [("out_file", "in_file")]),
+        (networks["DLICV"], seconds, [("seconds", "in1")]),
+        (networks["DLMUSE"], seconds, [("seconds", "in2")]),
+        (seconds, sidecars, [("out", "seconds")]),
+    ])
+    # fmt: on
+    if template is None:
+        qc.inputs.template = {"skipped": template_note}
+        return workflow
+    check = pe.Node(
+        TemplateCheck(
+            template_name=template.name,
+            template_t1w=str(template.t1w),
+            template_mask=str(template.mask),
+        ),
+        name="template_check",
+        mem_gb=mem_gb / 4,
+    )
+    ds_xfm = pe.Node(
+        DerivativesDataSink(base_directory=str(output_dir), entities=OUTPUTS["xfm"]),
+        name=XFM_SINK,
+        run_without_submitting=True,
+    )
+    # fmt: off
+    workflow.connect([
+        (reorient, check, [("out_file", "in_file")]),
+        (mask_crop, check, [("icv_mask", "icv_mask")]),
+        (check, qc, [("measures", "template")]),
+        (inputnode, ds_xfm, [("t1w", "source_file")]),
+        (check, ds_xfm, [("out_xfm", "in_file")]),
     ])
     # fmt: on
     return workflow
@@ -159,6 +202,8 @@ def init_participant_wf(
     models: Mapping[str, ModelInfo],
     inference: InferenceSettings,
     provenance: Provenance,
+    template: TemplateFiles | None = None,
+    template_note: str = "no template given",
     name: str = "dlmuse_bids_wf",
 ) -> pe.Workflow:
     """One :func:`init_dlmuse_wf` per T1w, side by side (they share nothing)."""
@@ -174,6 +219,8 @@ def init_participant_wf(
                     models=models,
                     inference=inference,
                     provenance=provenance,
+                    template=template,
+                    template_note=template_note,
                     use_gpu=use_gpu,
                 )
             ]

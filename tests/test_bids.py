@@ -148,6 +148,7 @@ def test_derivative_names_keep_every_source_entity(tmp_path):
         "mask_json": f"{stem}_desc-icv_mask.json",
         "volumes": f"{stem}_seg-DLMUSE_volumes.tsv",
         "qc": f"{stem}_seg-DLMUSE_qc.tsv",
+        "xfm": f"{stem}_from-T1w_to-MNI152NLin2009cAsym_mode-image_xfm.txt",
     }
     plain = bids.output_paths(tmp_path / "sub-2/anat/sub-2_T1w.nii.gz", tmp_path)["mask"]
     assert plain == tmp_path / "sub-2/anat/sub-2_desc-icv_mask.nii.gz"

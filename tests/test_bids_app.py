@@ -19,9 +19,11 @@ from dlmuse_bids.bids import output_paths
 from dlmuse_bids.cli.bids_app import main
 from dlmuse_bids.cli.participant import Progress
 from dlmuse_bids.labels import volume_roi_ids, volume_roi_members
+from dlmuse_bids.template import TEMPLATE, read_itk_affine
 from dlmuse_bids.workflows import SINK_NODES
 from tests.conftest import needs_shared
 from tests.support.bids import STANDARD_T1W, make_dataset
+from tests.support.templates import make_templateflow_home
 
 pytestmark = needs_shared
 
@@ -39,8 +41,9 @@ def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
     }
 
 
-def _run(bids_dir, out, *extra, models, level="participant"):
-    return main([str(bids_dir), str(out), level, "--model-dir", str(models), *extra], env={})
+def _run(bids_dir, out, *extra, models, level="participant", env=None):
+    argv = [str(bids_dir), str(out), level, "--model-dir", str(models), *extra]
+    return main(argv, env=env or {})
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +68,11 @@ def test_participant_level_outputs(first_run, dataset):
     for rel, _ in STANDARD_T1W:
         source = dataset / rel
         paths = output_paths(source, out)
+        xfm = paths.pop("xfm")
         assert all(p.is_file() for p in paths.values()), rel
+        assert not xfm.exists(), "no template: no transform"
+        qc_row = pd.read_csv(paths["qc"], sep="\t", na_values="n/a").iloc[0]
+        assert qc_row["template_check"] == "skipped: TEMPLATEFLOW_HOME is not set"
         src = nib.load(source)
         for key in ("dseg", "mask"):
             img = nib.load(paths[key])
@@ -260,6 +267,33 @@ def test_participant_and_session_labels(tiny_models, tmp_path, capsys):
     assert _run(raw, out, *args, "--nipype-plugin", "Linear", models=tiny_models) == 0
     assert results[0].stat().st_mtime_ns == stamp
     assert len(list(out.rglob("sub-01_ses-2_acq-fast_*"))) == 6
+
+
+def test_template_check_end_to_end(small_dataset, tiny_models, tmp_path, capsys):
+    """With a TemplateFlow home the transform is written; the template is part of provenance."""
+    env = {"TEMPLATEFLOW_HOME": str(make_templateflow_home(tmp_path / "templateflow"))}
+    out = tmp_path / "out"
+    args = [*FAST, "--nipype-plugin", "Linear"]
+    assert _run(small_dataset, out, *args, models=tiny_models, env=env) == 0
+    paths = output_paths(small_dataset / STANDARD_T1W[3][0], out)
+    assert all(p.is_file() for p in paths.values())
+    assert read_itk_affine(paths["xfm"].read_text()).shape == (4, 4)
+    qc_row = pd.read_csv(paths["qc"], sep="\t", na_values="n/a").iloc[0]
+    assert qc_row["template_check"] == TEMPLATE
+    assert json.loads(paths["dseg_json"].read_text())["TemplateCheck"] == TEMPLATE
+    if shutil.which("bids-validator-deno"):  # the transform's name is valid BIDS
+        proc = subprocess.run(
+            ["bids-validator-deno", "--format", "json", str(out)], capture_output=True, text=True
+        )
+        issues = json.loads(proc.stdout)["issues"]["issues"]
+        assert not [i for i in issues if i["severity"] == "error"], issues[:5]
+    capsys.readouterr()
+    assert _run(small_dataset, out, *args, models=tiny_models, env=env) == 0
+    assert "0 processed, 1 skipped" in capsys.readouterr().err
+    # the template went away: the outputs no longer match this run's provenance
+    assert _run(small_dataset, out, *args, models=tiny_models) == 0
+    assert "1 processed, 0 skipped" in capsys.readouterr().err
+    assert json.loads(paths["dseg_json"].read_text())["TemplateCheck"] is None
 
 
 def test_exit_codes(small_dataset, tiny_models, tmp_path, capsys):

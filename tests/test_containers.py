@@ -119,17 +119,22 @@ def test_runs_as_a_non_root_user_set_after_the_installs(final):
             )
 
 
-@pytest.fixture(scope="module")
-def fetch_step(stages) -> tuple[int, dict]:
-    """The stage index and the RUN step that fetches the models."""
+def _the_run_step(stages, marker: str) -> tuple[int, dict]:
+    """The stage index and the one RUN step whose command contains ``marker``."""
     found = [
         (i, item)
         for i, stage in enumerate(stages)
         for item in _instructions(stage, "RUN")
-        if "models fetch" in item["value"]
+        if marker in item["value"]
     ]
-    assert len(found) == 1, "exactly one RUN step should fetch the models"
+    assert len(found) == 1, f"exactly one RUN step should contain {marker!r}"
     return found[0]
+
+
+@pytest.fixture(scope="module")
+def fetch_step(stages) -> tuple[int, dict]:
+    """The stage index and the RUN step that fetches the models."""
+    return _the_run_step(stages, "models fetch")
 
 
 def test_models_are_fetched_and_verified_when_fetch_models_is_1(stages, fetch_step, image_env):
@@ -216,6 +221,18 @@ def test_environment_points_the_app_at_its_models_and_away_from_home(image_env):
     # the app, given this environment, looks in the built-in models first and caches in /tmp
     assert model_search_dirs(None, image_env)[0] == Path(MODEL_DIR)
     assert default_cache_dir(image_env).is_relative_to("/tmp")
+
+
+def test_the_template_is_fetched_at_build_time_where_the_app_looks(stages, image_env):
+    """The template check's files are baked into the image, in the home the app reads."""
+    from dlmuse_bids.cli.bids_app import templateflow_home
+
+    index, run = _the_run_step(stages, "fetch_template")
+    home = templateflow_home(image_env)
+    assert f"fetch_template(Path('{home}'))" in run["value"]
+    if index != len(stages) - 1:
+        copies = [item["value"].split() for item in _instructions(stages[-1], "COPY")]
+        assert any(str(home) in words[1:-1] for words in copies), f"{home} not copied"
 
 
 def test_threads_are_left_to_the_app(stages):

@@ -16,9 +16,11 @@ from dlmuse_bids.models import find_model, load_trained_model
 from dlmuse_bids.nnunet.predictor import InferenceOptions
 from dlmuse_bids.pipeline import DLMUSEPipeline
 from dlmuse_bids.settings import InferenceSettings, ModelInfo
+from dlmuse_bids.template import TEMPLATE, find_template, read_itk_affine
 from dlmuse_bids.workflows import init_participant_wf, workflow_name
 from tests.conftest import needs_shared
 from tests.support.bids import write_scan
+from tests.support.templates import make_templateflow_home
 
 pytestmark = needs_shared
 
@@ -39,7 +41,11 @@ def test_workflow_equals_the_in_memory_pipeline(tiny_models, tmp_path):
     ]
     models = _models(tiny_models)
     inference = InferenceSettings(device="cpu", tta=False, threads=1)
-    prov = Provenance("test", False, 0.5, {k: v.provenance() for k, v in models.items()})
+    prov = Provenance(
+        "test", False, 0.5, {k: v.provenance() for k, v in models.items()}, template=TEMPLATE
+    )
+    template, why = find_template(make_templateflow_home(tmp_path / "templateflow"))
+    assert template is not None, why
     out = tmp_path / "out"
     wf = init_participant_wf(
         t1w_files=sources,
@@ -48,6 +54,7 @@ def test_workflow_equals_the_in_memory_pipeline(tiny_models, tmp_path):
         models=models,
         inference=inference,
         provenance=prov,
+        template=template,
     )
     wf.base_dir = str(tmp_path / "work")
     interfaces.load_predictor.cache_clear()
@@ -79,6 +86,14 @@ def test_workflow_equals_the_in_memory_pipeline(tiny_models, tmp_path):
         meta = json.loads(paths["mask_json"].read_text())
         assert meta["ICVComponentSelection"]["outcome"] == expected.selection.outcome
         assert meta["Device"] == "cpu"
+        assert set(meta["InferenceSeconds"]) == {"DLICV", "DLMUSE"}
+        assert meta["TemplateCheck"] == TEMPLATE
+        # the template check ran: its transform is stored and its measures are in the QC row
+        qc_row = pd.read_csv(paths["qc"], sep="\t", na_values="n/a").iloc[0]
+        assert qc_row["template_check"] == TEMPLATE
+        assert 0 <= qc_row["template_rotation_deg"] <= 180
+        matrix = read_itk_affine(paths["xfm"].read_text())
+        assert np.linalg.det(matrix[:3, :3]) == pytest.approx(qc_row["template_scale"], rel=1e-6)
 
 
 def test_workflow_names_are_unique_and_safe(tmp_path):

@@ -195,6 +195,11 @@ def make_settings(args: argparse.Namespace, env: Mapping[str, str]) -> BIDSAppSe
             raise UsageError("--nipype-plugin-args must be a JSON object")
     nprocs = args.nprocs or available_cpus(env)
     threads = min(args.omp_nthreads or nprocs, nprocs)
+    template, template_note = None, "only the participant level aligns to a template"
+    if args.analysis_level == "participant":
+        from ..template import find_template
+
+        template, template_note = find_template(templateflow_home(env))
     return BIDSAppSettings(
         bids_dir=bids_dir,
         output_dir=output_dir,
@@ -217,7 +222,18 @@ def make_settings(args: argparse.Namespace, env: Mapping[str, str]) -> BIDSAppSe
         plugin_args=plugin_args,
         verbosity=args.verbose,
         container=container_info(env),
+        template=template,
+        template_note=template_note,
     )
+
+
+def templateflow_home(env: Mapping[str, str]) -> Path | None:
+    """Where TemplateFlow keeps templates: ``TEMPLATEFLOW_HOME``, else its default cache."""
+    if env.get("TEMPLATEFLOW_HOME"):
+        return Path(env["TEMPLATEFLOW_HOME"])
+    if env.get("HOME"):
+        return Path(env["HOME"]) / ".cache" / "templateflow"
+    return None
 
 
 def setup_logging(verbosity: int) -> None:

@@ -80,6 +80,7 @@ class Progress:
 
     images: dict[str, Path]  # sub-workflow name -> T1w
     stream: TextIO = field(default_factory=lambda: sys.stderr)
+    sinks: tuple[str, ...] = ()  # the sinks of each image (workflows.sink_nodes); () = default
     started: dict[str, float] = field(default_factory=dict)
     sinks_done: dict[str, set] = field(default_factory=dict)
     finished: dict[str, str] = field(default_factory=dict)
@@ -94,6 +95,7 @@ class Progress:
     def __call__(self, node, status: str) -> None:
         from ..workflows import SINK_NODES
 
+        sinks = self.sinks or SINK_NODES
         wf = self._image(node)
         if wf is None:
             return
@@ -103,9 +105,9 @@ class Progress:
                 return
             if status == "exception":
                 self._finish(wf, "failed")
-            elif status == "end" and node.name in SINK_NODES:
+            elif status == "end" and node.name in sinks:
                 self.sinks_done.setdefault(wf, set()).add(node.name)
-                if len(self.sinks_done[wf]) == len(SINK_NODES):
+                if len(self.sinks_done[wf]) == len(sinks):
                     self._finish(wf, "done")
 
     def _finish(self, wf: str, what: str) -> None:
@@ -211,7 +213,7 @@ def _nipype_config(work_dir: Path, verbosity: int) -> None:
 
 def _run_workflow(todo: list[Path], settings: BIDSAppSettings, models, provenance) -> dict:
     """Build and run the nipype workflow; the crash files it left, by source."""
-    from ..workflows import init_participant_wf, workflow_name
+    from ..workflows import init_participant_wf, sink_nodes, workflow_name
 
     images = {workflow_name(t): t for t in todo}
     temporary = settings.work_dir is None
@@ -232,6 +234,8 @@ def _run_workflow(todo: list[Path], settings: BIDSAppSettings, models, provenanc
             models=models,
             inference=settings.inference,
             provenance=provenance,
+            template=settings.template,
+            template_note=settings.template_note,
         )
         wf.base_dir = str(work_dir)
         wf.config["execution"].update(
@@ -244,7 +248,9 @@ def _run_workflow(todo: list[Path], settings: BIDSAppSettings, models, provenanc
         )
         plugin_args: dict = {}
         if settings.plugin not in GRAPH_PLUGINS:  # they cannot report progress
-            plugin_args["status_callback"] = Progress(images)
+            plugin_args["status_callback"] = Progress(
+                images, sinks=sink_nodes(settings.template is not None)
+            )
         if settings.plugin in ("MultiProc", "LegacyMultiProc"):
             # forkserver: workers never inherit a torch state from this process (as fMRIPrep)
             plugin_args.update(
@@ -303,6 +309,7 @@ def run_participant(settings: BIDSAppSettings, env: Mapping[str, str]) -> int:
         tta=settings.inference.tta,
         step_size=settings.inference.step_size,
         models={key: info.provenance() for key, info in models.items()},
+        template=settings.template.name if settings.template else None,
     )
     todo, outcomes = _plan(t1w_files, settings, provenance)
     try:
