@@ -33,7 +33,22 @@ PATTERNS = [
     "[_acq-{acquisition}][_ce-{ceagent}][_rec-{reconstruction}][_run-{run}][_echo-{echo}]"
     "[_part-{part}][_chunk-{chunk}]_from-{from}_to-{to}_mode-{mode<image|points>}"
     "_{suffix<xfm>}{extension<.txt|.h5>}",
+    "sub-{subject}/{datatype<figures>}/sub-{subject}[_ses-{session}]"
+    "[_acq-{acquisition}][_ce-{ceagent}][_rec-{reconstruction}][_run-{run}][_echo-{echo}]"
+    "[_part-{part}][_chunk-{chunk}][_seg-{segmentation}]_desc-{desc}_{suffix<dseg>}"
+    "{extension<.png|.svg>}",
 ]
+#: Report figures of one T1w (in ``sub-<label>/figures/``, as fMRIPrep lays them out).
+FIGURES: dict[str, dict[str, str]] = {
+    "mosaic": {
+        "datatype": "figures",
+        "segmentation": "DLMUSE",
+        "desc": "mosaic",
+        "suffix": "dseg",
+        "extension": ".png",
+    },
+}
+REPORT_PATTERN = "sub-{subject}{extension<.html>}"
 #: The template of the orientation check (the name TemplateFlow and BIDS use; must equal
 #: :data:`dlmuse_bids.template.TEMPLATE`, which this module does not import to stay torch-free).
 TEMPLATE_NAME = "MNI152NLin2009cAsym"
@@ -59,7 +74,15 @@ OPTIONAL_OUTPUTS = ("xfm",)
 DSEG_TSV = "seg-DLMUSE_dseg.tsv"
 LOGS_DIR = "logs"
 #: Outputs the BIDS schema has no rule for yet (transforms: BIDS-Derivatives, not the validator).
-BIDSIGNORE = ("*_volumes.tsv", "*_qc.tsv", "*_xfm.txt", "group/", "logs/")
+BIDSIGNORE = (
+    "*_volumes.tsv",
+    "*_qc.tsv",
+    "*_xfm.txt",
+    "*.html",
+    "sub-*/figures/",
+    "group/",
+    "logs/",
+)
 BIDS_VERSION = "1.10.0"
 CODE_URL = "https://github.com/dlmuse-bids/dlmuse-bids"
 RAW_LINK = "raw"  # the DatasetLinks name of the input dataset in BIDS URIs
@@ -247,6 +270,20 @@ def derivative_path(source: Path, **entities: Any) -> Path:
     return Path(built)
 
 
+def figure_paths(source: Path, output_dir: Path) -> dict[str, Path]:
+    """The report figures of one T1w, by :data:`FIGURES` key."""
+    return {key: Path(output_dir) / derivative_path(source, **ent) for key, ent in FIGURES.items()}
+
+
+def report_path(output_dir: Path, subject: str) -> Path:
+    """``sub-<label>.html`` at the root of the output dataset."""
+    from bids.layout.writing import build_path
+
+    return Path(output_dir) / build_path(
+        {"subject": subject, "extension": ".html"}, [REPORT_PATTERN], strict=True
+    )
+
+
 def output_paths(source: Path, output_dir: Path) -> dict[str, Path]:
     """The files one T1w produces, by :data:`OUTPUTS` key."""
     return {key: Path(output_dir) / derivative_path(source, **ent) for key, ent in OUTPUTS.items()}
@@ -281,6 +318,7 @@ class Provenance:
     step_size: float
     models: Mapping[str, Mapping[str, Any]]  # name -> ModelInfo.provenance()
     template: str | None = None  # the template of the orientation check, None when skipped
+    precision: str = "fp32"  # the networks' arithmetic
 
     def metadata(self) -> dict[str, Any]:
         """Sidecar fields (merged into every image's JSON)."""
@@ -291,6 +329,7 @@ class Provenance:
             "TileStepSize": self.step_size,
             "Models": {name: dict(info) for name, info in self.models.items()},
             "TemplateCheck": self.template,
+            "Precision": self.precision,
         }
 
     def matches(self, sidecar: Mapping[str, Any]) -> bool:
@@ -302,6 +341,7 @@ class Provenance:
             and sidecar.get("TestTimeAugmentation") == mine["TestTimeAugmentation"]
             and sidecar.get("TileStepSize") == mine["TileStepSize"]
             and sidecar.get("TemplateCheck") == mine["TemplateCheck"]
+            and sidecar.get("Precision") == mine["Precision"]
             and set(theirs_models) == set(mine["Models"])
             and all(
                 theirs_models[name].get("CheckpointSHA256") == info["CheckpointSHA256"]

@@ -62,7 +62,9 @@ def _roi_columns() -> tuple[tuple[int, str], ...]:
     return tuple((int(i), str(n)) for i, n in zip(ordered["index"], ordered["name"], strict=True))
 
 
-def _status(source: Path, output_dir: Path, logs: Path) -> str:
+def image_status(source: Path, output_dir: Path) -> str:
+    """``ok`` (outputs written), ``failed`` (a crash file in logs/) or ``missing``."""
+    logs = Path(output_dir) / LOGS_DIR
     paths = output_paths(source, output_dir)
     if paths["volumes"].is_file() and paths["dseg_json"].is_file():
         return "ok"
@@ -79,7 +81,7 @@ def _id_row(source: Path, bids_dir: Path, output_dir: Path) -> dict:
         "session_id": f"ses-{ent['session']}" if ent.get("session") else None,
         **{col: ent.get(name) for col, name in _ENTITY_COLUMNS.items()},
         "source": Path(source).absolute().relative_to(Path(bids_dir).absolute()).as_posix(),
-        "status": _status(source, output_dir, Path(output_dir) / LOGS_DIR),
+        "status": image_status(source, output_dir),
     }
     if row["run"] is not None:
         row["run"] = str(row["run"])

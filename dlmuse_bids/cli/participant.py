@@ -341,7 +341,26 @@ def run_participant(settings: BIDSAppSettings, env: Mapping[str, str]) -> int:
             outcomes.append(Outcome(source, "failed", "not run: stopped at the first failure"))
         else:
             outcomes.append(Outcome(source, "failed", "did not complete (see the log)"))
+    _write_reports(t1w_files, settings)
     return _summary(outcomes, time.monotonic() - start)
+
+
+def _write_reports(t1w_files: list[Path], settings: BIDSAppSettings) -> None:
+    """``sub-<label>.html`` for every selected subject (a report that fails is said, not fatal)."""
+    from ..bids import source_entities
+    from ..reports.subject import write_subject_report
+
+    by_subject: dict[str, list[Path]] = {}
+    for source in t1w_files:
+        by_subject.setdefault(source_entities(source)["subject"], []).append(source)
+    for subject, sources in sorted(by_subject.items()):
+        try:
+            path = write_subject_report(subject, sources, settings.output_dir, settings.bids_dir)
+        except Exception as exc:  # noqa: BLE001 - the segmentations are written; say and go on
+            logger.debug("report of sub-%s", subject, exc_info=True)
+            _say(f"sub-{subject}: report not written ({type(exc).__name__}: {exc})")
+        else:
+            logger.info("report: %s", path)
 
 
 def _summary(outcomes: list[Outcome], seconds: float) -> int:

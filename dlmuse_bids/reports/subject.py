@@ -1,0 +1,213 @@
+"""``sub-<label>.html``: one section per T1w of a subject, read back from the outputs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from html import escape
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import pandas as pd
+
+from ..bids import LOGS_DIR, crash_log_glob, figure_paths, output_paths, report_path
+from ..group import image_status
+from ..io import write_bytes_atomic
+from ..qc import explain
+from .figures import mosaic
+
+logger = logging.getLogger(__name__)
+
+#: Volumes shown in the report: (MUSE id, label). Lobes are the bilateral GM+WM composites.
+KEY_VOLUMES: tuple[tuple[int, str], ...] = (
+    (702, "Intracranial volume (ICV)"),
+    (701, "Total brain"),
+    (601, "Grey matter"),
+    (604, "White matter"),
+    (509, "Ventricles"),
+    (48, "Left hippocampus"),
+    (47, "Right hippocampus"),
+    (504, "Frontal lobe"),
+    (507, "Parietal lobe"),
+    (508, "Temporal lobe"),
+    (506, "Occipital lobe"),
+    (505, "Limbic lobe"),
+    (502, "Cerebellum"),
+)
+
+STYLE = """
+body { font-family: sans-serif; margin: 1.5em auto; max-width: 1150px; color: #222; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; border-bottom: 1px solid #ccc; }
+h3 { font-size: 1em; margin-top: 1.2em; }
+table { border-collapse: collapse; font-size: 0.9em; margin: 0.5em 0; }
+td, th { border: 1px solid #ccc; padding: 0.2em 0.6em; text-align: left; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.flag { color: #a30000; } .ok { color: #176617; } .note { color: #666; font-size: 0.9em; }
+img.mosaic { width: 100%; max-width: 1100px; background: #000; }
+code { font-size: 0.9em; }
+"""
+
+
+def _href(path: Path, base: Path) -> str:
+    """A relative URL from the report's folder to ``path`` (each part quoted)."""
+    from urllib.parse import quote
+
+    rel = os.path.relpath(path, base)
+    return "/".join(quote(part) for part in Path(rel).parts)
+
+
+def _number(value: Any, digits: int = 2) -> str:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return escape(str(value))
+    return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
+
+
+def _read_row(path: Path) -> dict[str, Any]:
+    frame = pd.read_csv(path, sep="\t", na_values="n/a", keep_default_na=False)
+    return frame.iloc[0].to_dict() if len(frame) else {}
+
+
+def _volumes_table(volumes_file: Path) -> str:
+    table = pd.read_csv(volumes_file, sep="\t", na_values="n/a")
+    volumes = dict(zip(table["index"].astype(int), table["volume_mm3"], strict=True))
+    icv = float(volumes.get(702, float("nan")))
+    rows = []
+    for roi, label in KEY_VOLUMES:
+        mm3 = float(volumes.get(roi, float("nan")))
+        share = 100.0 * mm3 / icv if icv > 0 else float("nan")
+        rows.append(
+            f"<tr><td>{escape(label)}</td><td class=num>{roi}</td>"
+            f"<td class=num>{_number(mm3 / 1000.0, 1)}</td>"
+            f"<td class=num>{_number(share, 1)}</td></tr>"
+        )
+    return (
+        "<table><tr><th>region</th><th>MUSE id</th><th>volume (mL)</th><th>% of ICV</th></tr>"
+        + "".join(rows)
+        + "</table>"
+    )
+
+
+def _flags_block(qc: Mapping[str, Any]) -> str:
+    flags = str(qc.get("qc_flags") or "").split()
+    items = [
+        f"<li class=flag><b>{escape(flag)}</b>: {escape(explain(flag))}</li>" for flag in flags
+    ]
+    summary = (
+        "<p class=ok>No automatic QC flag fired.</p>"
+        if not flags
+        else f"<p class=flag>{len(flags)} QC flag(s) fired:</p><ul>{''.join(items)}</ul>"
+    )
+    template = str(qc.get("template_check", "n/a"))
+    if template.startswith("skipped"):
+        check = f"Template check {escape(template)}."
+    else:
+        check = (
+            f"Template check against {escape(template)}: rotation "
+            f"{_number(qc.get('template_rotation_deg'), 1)} degrees, scale "
+            f"{_number(qc.get('template_scale'), 3)}, eTIV {_number(qc.get('etiv_l'))} L "
+            f"(ICV/eTIV {_number(qc.get('icv_etiv_ratio'))}), fit (NCC) "
+            f"{_number(qc.get('template_ncc'))}."
+        )
+    measures = (
+        f"ICV {_number(qc.get('icv_l'))} L; brain/ICV {_number(qc.get('brain_icv_ratio'))}; "
+        f"unlabelled ICV {_number(100 * float(qc.get('residual_icv_fraction', 'nan')), 1)} %; "
+        f"missing regions {escape(str(qc.get('n_missing_rois', 'n/a')))}; worst asymmetry "
+        f"{escape(str(qc.get('worst_asymmetric_pairs', '') or 'n/a'))}; voxel "
+        f"{escape(str(qc.get('voxel_mm', 'n/a')))} mm, {escape(str(qc.get('orientation', '')))}"
+    )
+    return f"{summary}<p class=note>{measures}. {check}</p>"
+
+
+def _provenance_block(sidecar: Mapping[str, Any]) -> str:
+    models = sidecar.get("Models") or {}
+    rows = [
+        ("software", f"dlmuse-bids {sidecar.get('SoftwareVersion', 'n/a')}"),
+        ("device", sidecar.get("Device", "n/a")),
+        ("precision", sidecar.get("Precision", "n/a")),
+        (
+            "test-time augmentation",
+            "mirroring (8x)" if sidecar.get("TestTimeAugmentation") else "off",
+        ),
+        ("tile step", sidecar.get("TileStepSize", "n/a")),
+    ]
+    seconds = sidecar.get("InferenceSeconds") or {}
+    if seconds:
+        rows.append(("time taken", ", ".join(f"{k} {float(v):.1f} s" for k, v in seconds.items())))
+    for name, info in models.items():
+        digests = ", ".join(
+            f"{fold} sha256 {d}" for fold, d in info.get("CheckpointSHA256", {}).items()
+        )
+        rows.append((f"{name} model", f"{info.get('Dataset', '')}: {digests}"))
+    cells = "".join(
+        f"<tr><th>{escape(k)}</th><td><code>{escape(str(v))}</code></td></tr>" for k, v in rows
+    )
+    return f"<table>{cells}</table>"
+
+
+def _section(source: Path, output_dir: Path, bids_dir: Path, *, draw: bool) -> str:
+    rel = Path(source).absolute().relative_to(Path(bids_dir).absolute()).as_posix()
+    title = f"<h2 id='{escape(Path(rel).name)}'>{escape(rel)}</h2>"
+    status = image_status(source, output_dir)
+    if status != "ok":
+        crashes = sorted((Path(output_dir) / LOGS_DIR).glob(crash_log_glob(source)))
+        links = "".join(
+            f"<li><a href='{_href(c, output_dir)}'>{escape(c.name)}</a></li>" for c in crashes
+        )
+        what = "failed" if status == "failed" else "has no outputs yet"
+        return f"{title}<p class=flag>This image {what}.</p><ul>{links}</ul>"
+    paths = output_paths(source, output_dir)
+    figure = figure_paths(source, output_dir)["mosaic"]
+    if draw or not figure.is_file() or figure.stat().st_mtime < paths["dseg"].stat().st_mtime:
+        figure.parent.mkdir(parents=True, exist_ok=True)
+        mosaic(nib.load(source), nib.load(paths["dseg"]), nib.load(paths["mask"]), figure)
+    qc = _read_row(paths["qc"])
+    sidecar = json.loads(paths["dseg_json"].read_text(encoding="utf-8"))
+    outputs = [p for p in paths.values() if p.is_file()]
+    links = "".join(
+        f"<li><a href='{_href(p, output_dir)}'>{escape(p.name)}</a></li>" for p in outputs
+    )
+    return (
+        f"{title}<h3>Segmentation</h3>"
+        f"<img class=mosaic src='{_href(figure, output_dir)}' alt='DLMUSE labels and ICV "
+        f"contour on {escape(Path(rel).name)}'>"
+        "<p class=note>DLMUSE labels (colours of seg-DLMUSE_dseg.tsv) over the T1w; yellow: "
+        "the ICV mask's outline. Left of the subject on the left.</p>"
+        f"<h3>Quality control</h3>{_flags_block(qc)}"
+        f"<h3>Key volumes</h3>{_volumes_table(paths['volumes'])}"
+        f"<h3>Provenance</h3>{_provenance_block(sidecar)}"
+        f"<h3>Files</h3><ul>{links}</ul>"
+    )
+
+
+def write_subject_report(
+    subject: str,
+    sources: Sequence[Path],
+    output_dir: Path,
+    bids_dir: Path,
+    *,
+    redraw: bool = False,
+) -> Path:
+    """Write ``sub-<subject>.html`` (and missing or stale figures) for these T1w images."""
+    output_dir = Path(output_dir)
+    sections = [_section(s, output_dir, bids_dir, draw=redraw) for s in sorted(sources)]
+    toc = "".join(
+        f"<li><a href='#{escape(Path(s).name)}'>{escape(Path(s).name)}</a></li>"
+        for s in sorted(sources)
+    )
+    page = (
+        "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
+        f"<title>dlmuse-bids: sub-{escape(subject)}</title><style>{STYLE}</style></head><body>"
+        f"<h1>DLMUSE segmentation report: sub-{escape(subject)}</h1>"
+        f"<p class=note>{len(sources)} T1w image(s). Automatic QC flags point at likely failures; "
+        "look at every image before using its numbers.</p>"
+        f"<ul>{toc}</ul>{''.join(sections)}</body></html>\n"
+    )
+    path = report_path(output_dir, subject)
+    write_bytes_atomic(path, page.encode("utf-8"))
+    return path
