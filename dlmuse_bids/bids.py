@@ -79,7 +79,7 @@ BIDSIGNORE = (
     "*_qc.tsv",
     "*_xfm.txt",
     "*.html",
-    "sub-*/figures/",
+    "sub-*/figures",  # no trailing slash: the validator matches the folder itself
     "group/",
     "logs/",
 )

@@ -98,6 +98,11 @@ def test_participant_level_outputs(first_run, dataset):
     assert "sub-01_ses-2_acq-fast_seg-DLMUSE_dseg.nii.gz" in names
     assert "sub-01_ses-1_run-2_seg-DLMUSE_dseg.nii.gz" in names
     assert not (out / "logs").exists()
+    for subject in ("01", "02", "03"):  # a report per subject, linking its images' outputs
+        html = (out / f"sub-{subject}.html").read_text()
+        assert html.count("<img class=mosaic") == sum(
+            rel.startswith(f"sub-{subject}/") for rel, _ in STANDARD_T1W
+        )
 
 
 def test_output_is_a_derivative_dataset(first_run):
@@ -168,6 +173,7 @@ def test_overwrite_and_provenance_change_recompute(first_run, dataset, tiny_mode
 def test_group_level(first_run, dataset, tiny_models):
     out = first_run["out"]
     assert _run(dataset, out, models=tiny_models, level="group") == 0
+    assert "<h1>DLMUSE group report</h1>" in (out / "group" / "dlmuse_report.html").read_text()
     table = pd.read_csv(out / "group" / "dlmuse_volumes.tsv", sep="\t", na_values="n/a")
     assert len(table) == len(STANDARD_T1W)
     assert list(table.columns[:8]) == [
@@ -266,7 +272,7 @@ def test_participant_and_session_labels(tiny_models, tmp_path, capsys):
         path.unlink()
     assert _run(raw, out, *args, "--nipype-plugin", "Linear", models=tiny_models) == 0
     assert results[0].stat().st_mtime_ns == stamp
-    assert len(list(out.rglob("sub-01_ses-2_acq-fast_*"))) == 6
+    assert len(list(out.rglob("sub-01_ses-2_acq-fast_*"))) == 7  # 6 outputs and the figure
 
 
 def test_template_check_end_to_end(small_dataset, tiny_models, tmp_path, capsys):

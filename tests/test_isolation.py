@@ -115,7 +115,9 @@ def test_babs_style_run_gives_a_zip_friendly_tree(tiny_models, tmp_path):
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if not p.is_dir())
     assert all(not (out / f).is_symlink() for f in files)
     assert not [f for f in files if f.endswith((".tmp", ".part", ".lock"))]
-    assert not [f for f in files if f.startswith("sub-") and not f.startswith("sub-03/")]
+    others = [f for f in files if f.startswith("sub-") and not f.startswith("sub-03")]
+    assert not others, "another participant's file"
+    assert "sub-03.html" in files and [f for f in files if f.startswith("sub-03/figures/")]
     assert {".bidsignore", "dataset_description.json", "seg-DLMUSE_dseg.tsv"} <= set(files)
     assert len([f for f in files if f.startswith("sub-03/anat/")]) == 6
     archive = tmp_path / "dlmuse.zip"

@@ -23,10 +23,12 @@ from dlmuse_bids.bids import (
     write_dataset_files,
     write_json_atomic,
 )
+from dlmuse_bids.group import write_group_tables
 from dlmuse_bids.io import save_nifti_atomic
 from dlmuse_bids.labels import roi_volume_table
 from dlmuse_bids.qc import explain, qc_row
 from dlmuse_bids.reports.figures import label_colours
+from dlmuse_bids.reports.group import ROBUST_Z_LIMIT, robust_z, write_group_report
 from dlmuse_bids.reports.subject import KEY_VOLUMES, write_subject_report
 from tests.support.paths import DATA_DIR, REPO_ROOT
 
@@ -119,7 +121,7 @@ def test_the_report_and_its_figures_are_where_bids_puts_them(dataset):
         assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not figure_paths(dataset["sources"]["run-3"], out)["mosaic"].exists()
     ignore = (out / ".bidsignore").read_text().splitlines()
-    assert "*.html" in ignore and "sub-*/figures/" in ignore
+    assert "*.html" in ignore and "sub-*/figures" in ignore
 
 
 def test_every_image_and_link_resolves(dataset):
@@ -198,3 +200,60 @@ def test_subject_report_in_a_real_browser(dataset):
     assert not report.external_requests
     assert shot.stat().st_size > 10_000
     json.dumps([str(p) for p in targets.local.values()])  # every target is a plain path
+
+
+# ---- group report ----
+
+
+def test_robust_z():
+    values = pd.Series([10.0, 11.0, 9.0, 10.5, 9.5, 30.0])
+    z = robust_z(values)
+    assert abs(z.iloc[-1]) > ROBUST_Z_LIMIT
+    assert (z.iloc[:-1].abs() < ROBUST_Z_LIMIT).all()
+    assert (robust_z(pd.Series([5.0, 5.0, 5.0])) == 0).all()
+
+
+@pytest.fixture(scope="module")
+def group_report(dataset):
+    raw, out = dataset["raw"], dataset["out"]
+    (raw / "participants.tsv").write_text("participant_id\tage\nsub-01\t71\n")
+    sources = sorted(dataset["sources"].values())
+    write_subject_report("01", sources, out, raw)
+    write_group_tables(sources, raw, out)
+    return write_group_report(out)
+
+
+def test_group_report_lists_flagged_and_failed_images(group_report, dataset):
+    out = dataset["out"]
+    assert group_report == out / "group" / "dlmuse_report.html"
+    html = group_report.read_text()
+    flagged = html.split("<h2>Flagged images</h2>")[1].split("<h2>")[0]
+    assert "sub-01_run-2_T1w.nii.gz" in flagged and "QC: " in flagged
+    assert "sub-01_run-1_T1w.nii.gz" not in flagged
+    failed = html.split("<h2>Failed or missing images</h2>")[1].split("<h2>")[0]
+    assert "sub-01_run-3_T1w.nii.gz" in failed and "failed" in failed
+    assert f"{ROBUST_Z_LIMIT:g}" in html and "MAD" in html
+    page = _parse(group_report)
+    assert len(page.images) == 3, "key volumes, ICV vs TBV, volumes vs age"
+    for href in page.images + page.links:
+        target = href.split("#")[0]
+        assert (group_report.parent / target).is_file(), href
+    anchors = _parse(out / "sub-01.html").ids
+    for href in page.links:
+        if "#" in href:
+            assert href.split("#")[1] in anchors, href
+
+
+def test_group_report_in_a_real_browser(group_report):
+    from tests.support.browser import link_targets, render, require_chromium
+
+    require_chromium()
+    ARTIFACTS.mkdir(exist_ok=True)
+    report = render(group_report, ARTIFACTS / "group_report.png")
+    assert report.title == "dlmuse-bids: group report"
+    assert len(report.images) == 3
+    assert all(i.complete and i.natural_width > 0 for i in report.images), report.images
+    targets = link_targets(report, group_report.parents[1])
+    assert targets.local and not targets.missing and not targets.outside and not targets.external
+    assert not report.console_errors and not report.failed_requests
+    assert not report.external_requests

@@ -29,6 +29,16 @@ def run_group(settings: BIDSAppSettings) -> int:
         where = settings.output_dir / GROUP_DIR
         print(f"dlmuse-bids: {where}: cannot write ({exc.strerror or exc})", file=sys.stderr)
         return EXIT_CANT_CREATE
+    from ..reports.group import write_group_report
+
+    try:
+        report = write_group_report(settings.output_dir)
+    except Exception as exc:  # noqa: BLE001 - the tables are written; say so and go on
+        print(
+            f"dlmuse-bids: group report not written ({type(exc).__name__}: {exc})", file=sys.stderr
+        )
+    else:
+        print(f"dlmuse-bids: group report: {report}", file=sys.stderr)
     counts = frame["status"].value_counts().to_dict()
     print(
         f"dlmuse-bids: group tables of {len(frame)} T1w image(s) in "

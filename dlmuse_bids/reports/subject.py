@@ -52,7 +52,7 @@ code { font-size: 0.9em; }
 """
 
 
-def _href(path: Path, base: Path) -> str:
+def relative_url(path: Path, base: Path) -> str:
     """A relative URL from the report's folder to ``path`` (each part quoted)."""
     from urllib.parse import quote
 
@@ -157,7 +157,8 @@ def _section(source: Path, output_dir: Path, bids_dir: Path, *, draw: bool) -> s
     if status != "ok":
         crashes = sorted((Path(output_dir) / LOGS_DIR).glob(crash_log_glob(source)))
         links = "".join(
-            f"<li><a href='{_href(c, output_dir)}'>{escape(c.name)}</a></li>" for c in crashes
+            f"<li><a href='{relative_url(c, output_dir)}'>{escape(c.name)}</a></li>"
+            for c in crashes
         )
         what = "failed" if status == "failed" else "has no outputs yet"
         return f"{title}<p class=flag>This image {what}.</p><ul>{links}</ul>"
@@ -170,11 +171,11 @@ def _section(source: Path, output_dir: Path, bids_dir: Path, *, draw: bool) -> s
     sidecar = json.loads(paths["dseg_json"].read_text(encoding="utf-8"))
     outputs = [p for p in paths.values() if p.is_file()]
     links = "".join(
-        f"<li><a href='{_href(p, output_dir)}'>{escape(p.name)}</a></li>" for p in outputs
+        f"<li><a href='{relative_url(p, output_dir)}'>{escape(p.name)}</a></li>" for p in outputs
     )
     return (
         f"{title}<h3>Segmentation</h3>"
-        f"<img class=mosaic src='{_href(figure, output_dir)}' alt='DLMUSE labels and ICV "
+        f"<img class=mosaic src='{relative_url(figure, output_dir)}' alt='DLMUSE labels and ICV "
         f"contour on {escape(Path(rel).name)}'>"
         "<p class=note>DLMUSE labels (colours of seg-DLMUSE_dseg.tsv) over the T1w; yellow: "
         "the ICV mask's outline. Left of the subject on the left.</p>"
@@ -209,5 +210,15 @@ def write_subject_report(
         f"<ul>{toc}</ul>{''.join(sections)}</body></html>\n"
     )
     path = report_path(output_dir, subject)
-    write_bytes_atomic(path, page.encode("utf-8"))
+    write_if_changed(path, page.encode("utf-8"))
     return path
+
+
+def write_if_changed(path: Path, payload: bytes) -> None:
+    """Write atomically, unless the file already holds exactly this (a re-run changes nothing)."""
+    try:
+        if path.read_bytes() == payload:
+            return
+    except OSError:
+        pass
+    write_bytes_atomic(path, payload)
