@@ -44,7 +44,14 @@ def resolve_device(device: str) -> str:
 
 @lru_cache(maxsize=4)
 def load_predictor(
-    folder: str, folds: tuple, device: str, tta: bool, step_size: float, threads: int
+    folder: str,
+    folds: tuple,
+    device: str,
+    tta: bool,
+    step_size: float,
+    threads: int,
+    precision: str = "auto",
+    channels_last: bool = False,
 ):
     """A predictor for a model folder, loaded once per process and then reused.
 
@@ -55,7 +62,12 @@ def load_predictor(
     from .nnunet.predictor import InferenceOptions
 
     options = InferenceOptions(
-        device=device, threads=threads, tile_step_size=step_size, use_mirroring=tta
+        device=device,
+        threads=threads,
+        tile_step_size=step_size,
+        use_mirroring=tta,
+        precision=precision,
+        channels_last=channels_last,
     )
     model = load_trained_model(Path(folder), list(folds) or None)
     logger.info("loaded %s (folds %s, %s) in process %d", folder, model.folds, device, os.getpid())
@@ -115,6 +127,10 @@ class _PredictInputSpec(BaseInterfaceInputSpec):
     device = traits.Enum("auto", "cpu", "cuda", usedefault=True, desc="where the network runs")
     use_tta = traits.Bool(True, usedefault=True, desc="mirroring test-time augmentation")
     step_size = traits.Float(0.5, usedefault=True, desc="sliding-window step (tile fraction)")
+    precision = traits.Enum(
+        "auto", "fp32", "bf16", "fp16", usedefault=True, desc="arithmetic of the network"
+    )
+    channels_last = traits.Bool(False, usedefault=True, desc="channels-last 3-D memory layout")
     num_threads = traits.Int(1, usedefault=True, nohash=True, desc="torch CPU threads")
     use_gpu = traits.Bool(
         False,
@@ -147,6 +163,8 @@ class NNUnetPredict(SimpleInterface):
             bool(self.inputs.use_tta),
             float(self.inputs.step_size),
             int(self.inputs.num_threads),
+            self.inputs.precision,
+            bool(self.inputs.channels_last),
         )
         img = nib.load(self.inputs.in_file)
         data = np.asarray(img.dataobj, dtype=np.float32)

@@ -47,6 +47,8 @@ class InferenceSettings:
     tta: bool = True
     step_size: float = 0.5
     threads: int = 1  # torch threads per network node
+    precision: str = "auto"  # "auto", "fp32", "bf16" or "fp16" (see nnunet.predictor)
+    channels_last: bool = False  # channels-last 3-D layout (--fast)
 
 
 @dataclass(frozen=True)

@@ -107,6 +107,8 @@ def init_dlmuse_wf(
                 device=inference.device,
                 use_tta=inference.tta,
                 step_size=inference.step_size,
+                precision=inference.precision,
+                channels_last=inference.channels_last,
                 num_threads=inference.threads,
                 use_gpu=use_gpu,
             ),

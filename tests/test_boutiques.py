@@ -169,6 +169,8 @@ INVOCATIONS = {
         "model_dir": "/models",
         "offline": True,
         "no_tta": True,
+        "precision": "bf16",
+        "fast": True,
         "overwrite": True,
         "stop_on_first_crash": True,
         "nipype_plugin": "SLURM",

@@ -28,8 +28,10 @@ from .common import (
     EXIT_NO_INPUT,
     EXIT_USAGE,
     Parser,
+    add_speed_options,
     nipype_log_level,
     positive_int,
+    speed_settings,
     unwritable,
 )
 from .common import setup_logging as common_setup_logging
@@ -134,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="disable mirroring test-time augmentation (about 8x faster, less exact)",
     )
+    add_speed_options(run)
     run.add_argument(
         "--overwrite",
         action="store_true",
@@ -195,6 +198,7 @@ def make_settings(args: argparse.Namespace, env: Mapping[str, str]) -> BIDSAppSe
             raise UsageError("--nipype-plugin-args must be a JSON object")
     nprocs = args.nprocs or available_cpus(env)
     threads = min(args.omp_nthreads or nprocs, nprocs)
+    precision, channels_last, tta = speed_settings(args, args.device)
     template, template_note = None, "only the participant level aligns to a template"
     if args.analysis_level == "participant":
         from ..template import find_template
@@ -210,7 +214,12 @@ def make_settings(args: argparse.Namespace, env: Mapping[str, str]) -> BIDSAppSe
         work_dir=args.work_dir.absolute() if args.work_dir else None,
         nprocs=nprocs,
         inference=InferenceSettings(
-            device=args.device, tta=not args.no_tta, step_size=0.5, threads=threads
+            device=args.device,
+            tta=tta,
+            step_size=0.5,
+            threads=threads,
+            precision=precision,
+            channels_last=channels_last,
         ),
         model_dir=args.model_dir,
         offline=args.offline,

@@ -59,3 +59,36 @@ def nipype_log_level(verbosity: int) -> str:
     node, ``-vvv`` debug output.
     """
     return ("CRITICAL", "WARNING", "INFO")[verbosity] if verbosity < 3 else "DEBUG"
+
+
+#: --precision choices (dlmuse_bids.nnunet.predictor.PRECISIONS, kept here to parse without torch)
+PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
+
+
+def add_speed_options(p: argparse.ArgumentParser) -> None:
+    """``--precision`` and ``--fast`` (the TTA switch is added by each command)."""
+    p.add_argument(
+        "--precision",
+        choices=PRECISION_CHOICES,
+        default=None,
+        help="arithmetic of the networks: auto = nnU-Net's (fp32 on CPU, fp16 autocast on "
+        "CUDA; the default), or fp32, bf16, fp16 (autocast)",
+    )
+    p.add_argument(
+        "--fast",
+        action="store_true",
+        help="faster approximation: no test-time augmentation, channels-last layout, bf16 on "
+        "CPUs with native bf16 (AVX512-BF16/AMX) and fp16 on CUDA; an explicit --precision wins",
+    )
+
+
+def speed_settings(args: argparse.Namespace, device: str) -> tuple[str, bool, bool]:
+    """(precision, channels_last, tta) from ``--precision``, ``--fast`` and ``--no-tta``."""
+    if not args.fast:
+        return args.precision or "auto", False, not args.no_tta
+    precision = args.precision
+    if precision is None:
+        from ..nnunet.predictor import cpu_has_fast_bf16
+
+        precision = "auto" if device != "cpu" else ("bf16" if cpu_has_fast_bf16() else "fp32")
+    return precision, True, False

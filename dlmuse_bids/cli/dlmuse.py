@@ -25,8 +25,10 @@ from .common import (
     EXIT_OK,
     EXIT_SOME_FAILED,
     Parser,
+    add_speed_options,
     positive_int,
     setup_logging,
+    speed_settings,
     unwritable,
 )
 from .models_cmd import add_models_parser, ensure_models, run_models
@@ -63,6 +65,7 @@ def _add_inference_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="disable mirroring test-time augmentation (about 8x faster, less exact)",
     )
+    add_speed_options(p)
     p.add_argument(
         "--step-size",
         type=_step,
@@ -141,11 +144,14 @@ def build_dlmuse_parser() -> argparse.ArgumentParser:
 def _options(args: argparse.Namespace):
     from ..nnunet.predictor import InferenceOptions
 
+    precision, channels_last, tta = speed_settings(args, args.device)
     return InferenceOptions(
         device=args.device,
         threads=args.threads or available_cpus(os.environ),
         tile_step_size=args.step_size,
-        use_mirroring=not args.no_tta,
+        use_mirroring=tta,
+        precision=precision,
+        channels_last=channels_last,
     )
 
 

@@ -310,6 +310,7 @@ def run_participant(settings: BIDSAppSettings, env: Mapping[str, str]) -> int:
         step_size=settings.inference.step_size,
         models={key: info.provenance() for key, info in models.items()},
         template=settings.template.name if settings.template else None,
+        precision=_precision_label(settings),
     )
     todo, outcomes = _plan(t1w_files, settings, provenance)
     try:
@@ -343,6 +344,16 @@ def run_participant(settings: BIDSAppSettings, env: Mapping[str, str]) -> int:
             outcomes.append(Outcome(source, "failed", "did not complete (see the log)"))
     _write_reports(t1w_files, settings)
     return _summary(outcomes, time.monotonic() - start)
+
+
+def _precision_label(settings: BIDSAppSettings) -> str:
+    """The arithmetic the networks will use, as recorded in the sidecars (e.g. ``bf16``)."""
+    from ..interfaces import resolve_device
+    from ..nnunet.predictor import resolve_precision
+
+    device = resolve_device(settings.inference.device)
+    label = resolve_precision(settings.inference.precision, device)
+    return f"{label}, channels-last" if settings.inference.channels_last else label
 
 
 def _write_reports(t1w_files: list[Path], settings: BIDSAppSettings) -> None:

@@ -32,14 +32,51 @@ from .sliding_window import sliding_window_logits, tile_slicers
 logger = logging.getLogger(__name__)
 
 
+#: Arithmetic of the networks: ``auto`` is nnU-Net's (fp32 on the CPU, fp16 autocast on CUDA).
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(precision: str, device_type: str) -> str:
+    """``auto`` -> ``fp16`` on CUDA, ``fp32`` elsewhere; other values unchanged."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if precision == "auto":
+        return "fp16" if device_type == "cuda" else "fp32"
+    return precision
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether oneDNN runs bf16 natively on this CPU (AVX512-BF16 or AMX), not emulated."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # pragma: no cover - builds without oneDNN
+        return False
+
+
 @dataclass(frozen=True)
 class InferenceOptions:
-    """How to run a model: these never change the model, only how it is evaluated."""
+    """How to run a model: these never change the model, only how it is evaluated.
+
+    ``precision`` other than fp32 runs the network under autocast (its weights stay fp32);
+    ``channels_last`` uses the channels-last 3-D memory layout (faster oneDNN kernels on some
+    CPUs). Both change results slightly: exact mode is fp32, contiguous.
+    """
 
     device: str = "cpu"
     threads: int | None = None
     tile_step_size: float = 0.5
     use_mirroring: bool = True
+    precision: str = "auto"
+    channels_last: bool = False
+
+    def resolved_precision(self) -> str:
+        """The arithmetic actually used on this device (see :func:`resolve_precision`)."""
+        return resolve_precision(self.precision, torch.device(self.device).type)
+
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The autocast dtype, or None for plain fp32."""
+        return _AUTOCAST_DTYPES.get(self.resolved_precision())
 
     def torch_device(self) -> torch.device:
         """The torch device, checked for availability."""
@@ -118,6 +155,8 @@ class Predictor:
         if len(self.fold_weights) > 1:
             self.network.load_state_dict(self.fold_weights[0], strict=True)
         self.network.to(self.device)
+        if options.channels_last:
+            self.network.to(memory_format=torch.channels_last_3d)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = False
             torch.backends.cudnn.deterministic = True
@@ -177,6 +216,8 @@ class Predictor:
                 mirror_axes=self.mirror_axes,
                 device=self.device,
                 results_device=self.device,
+                autocast_dtype=self.options.autocast_dtype(),
+                channels_last=self.options.channels_last,
             ).to("cpu")
             if result is None:
                 result = fold

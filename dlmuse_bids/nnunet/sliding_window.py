@@ -98,14 +98,32 @@ def mirror_combinations(axes: Sequence[int]) -> list[tuple[int, ...]]:
 def predict_tile(
     network: torch.nn.Module, x: torch.Tensor, mirror_axes: Sequence[int] | None
 ) -> torch.Tensor:
-    """Network output for one (1, C, ...) tile, averaged over mirrored copies when asked."""
+    """Network output for one (1, C, ...) tile, averaged over mirrored copies when asked.
+
+    bf16 outputs are accumulated in fp32 (8 mantissa bits would lose the average); fp32 and
+    fp16 are accumulated as nnU-Net does, in their own dtype.
+    """
     prediction = network(x)
+    if prediction.dtype == torch.bfloat16:
+        prediction = prediction.float()
     if mirror_axes:
         combos = mirror_combinations(mirror_axes)
         for dims in combos:
-            prediction += torch.flip(network(torch.flip(x, dims)), dims)
+            _add_flipped(prediction, network(torch.flip(x, dims)), dims)
         prediction /= len(combos) + 1
     return prediction
+
+
+def _add_flipped(total: torch.Tensor, out: torch.Tensor, dims: tuple[int, ...]) -> None:
+    """``total += flip(out, dims)``, a few channels at a time.
+
+    Flipping the whole output at once would hold a third copy of a (C, tile) tensor (0.8 GB for
+    DLMUSE's 152 classes); each element gets the same single addition either way.
+    """
+    step = 16
+    for start in range(0, out.shape[1], step):
+        part = slice(start, start + step)
+        total[:, part] += torch.flip(out[:, part], dims)
 
 
 @torch.inference_mode()
@@ -119,6 +137,8 @@ def sliding_window_logits(
     mirror_axes: Sequence[int] | None = (0, 1, 2),
     device: torch.device | None = None,
     results_device: torch.device | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
 ) -> torch.Tensor:
     """Gaussian-weighted sliding-window logits of a (C, X, Y, Z) float32 image.
 
@@ -139,6 +159,10 @@ def sliding_window_logits(
     device, results_device
         Where the network runs and where the accumulators live (default: both on ``data``'s
         device / ``device``).
+    autocast_dtype
+        Run the network under ``torch.autocast`` with this dtype (None: plain fp32).
+    channels_last
+        Feed tiles in the channels-last 3-D layout (the network must be converted too).
 
     Returns
     -------
@@ -154,11 +178,12 @@ def sliding_window_logits(
     weights = torch.zeros(data.shape[1:], dtype=torch.half, device=results_device)
     gaussian = gaussian_importance(tile_size, results_device)
     gaussian_f32 = gaussian.float()
-    autocast = torch.autocast(device.type, enabled=True) if device.type == "cuda" else None
+    autocast = (
+        torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else None
+    )
+    layout = torch.channels_last_3d if channels_last else torch.contiguous_format
     for sl in slicers:
-        tile = torch.clone(
-            data[(slice(None), *sl)][None], memory_format=torch.contiguous_format
-        ).to(device)
+        tile = torch.clone(data[(slice(None), *sl)][None], memory_format=layout).to(device)
         if autocast is not None:
             with autocast:
                 prediction = predict_tile(network, tile, mirror_axes)[0]

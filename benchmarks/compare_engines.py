@@ -1,0 +1,247 @@
+"""Time the whole DLMUSE pipeline with our engine and with nnunetv2's predictor, same everything.
+
+Both runs use the same model folders (the real DLICV and DLMUSE architectures from
+``../shared/models/*/plans.json``, seeded random weights: the official weights cannot be fetched
+here, and the arithmetic, time and memory are those of the real models), the same scans from
+``../shared/data/t1w`` and the same pipeline steps (``DLMUSEPipeline``: LPS reorientation,
+DLICV, ICV component and crop, DLMUSE, paste back, volumes); only the predictor differs. For
+nnunetv2 it is ``nnUNetPredictor.predict_single_npy_array`` on the image as nnU-Net's
+SimpleITK reader would give it.
+
+Every (engine, scan) pair runs in a fresh process, so each peak RSS is its own. The table gives
+per-stage seconds, CPU seconds, peak RSS, and the voxel agreement of the two label maps.
+
+Usage::
+
+    python benchmarks/compare_engines.py [--scans sub-otsu_T1w.nii.gz sub-chris_T1w.nii.gz]
+        [--tta on|off] [--threads 2] [--device cpu|cuda] [--engines ours nnunetv2]
+        [--models DIR] [--out benchmarks/results]
+
+Writes ``results/engines_<device>_tta-<on|off>.json`` and ``.md``. nnunetv2 must be installed
+(``pip install --no-deps -r tests/requirements-reference.txt``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.time_pipeline import cpu_model, full_width_models  # noqa: E402
+
+STAGES = ("load_models", "load", "reorient", "dlicv", "mask_crop", "dlmuse", "relabel_paste")
+
+
+class NNUNetPredictor:
+    """nnunetv2's predictor behind our ``Predictor.predict`` signature (NIfTI voxel order)."""
+
+    def __init__(self, folder: Path, *, tta: bool, step_size: float, device: str) -> None:
+        import torch
+        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+        from dlmuse_bids.models import load_trained_model
+
+        self.config = load_trained_model(folder).config  # for the pipeline's class-count check
+        self.predictor = nnUNetPredictor(
+            tile_step_size=step_size,
+            use_gaussian=True,
+            use_mirroring=tta,
+            perform_everything_on_device=True,
+            device=torch.device(device),
+            verbose=False,
+            verbose_preprocessing=False,
+            allow_tqdm=False,
+        )
+        self.predictor.initialize_from_trained_model_folder(
+            str(folder), (0,), checkpoint_name="checkpoint_final.pth"
+        )
+
+    def predict(self, image, zooms, info=None):
+        import numpy as np
+
+        start = time.perf_counter()
+        # SimpleITK's array order is (z, y, x): nnU-Net's SimpleITKIO reverses the NIfTI axes
+        data = np.ascontiguousarray(image.transpose(2, 1, 0))[None].astype(np.float32)
+        seg = self.predictor.predict_single_npy_array(
+            data, {"spacing": [float(z) for z in zooms][::-1]}, None, None, False
+        )
+        if info is not None:
+            info.seconds = {"network": time.perf_counter() - start}
+        return np.asarray(seg).transpose(2, 1, 0)
+
+
+def run_one(
+    engine: str, scan: Path, models: Path, tta: bool, threads: int, device: str, labels_out: Path
+) -> dict:
+    """One pipeline run in this process: stage seconds, CPU seconds, peak RSS."""
+    import nibabel as nib
+    import torch
+
+    from dlmuse_bids.io import load_t1w
+    from dlmuse_bids.models import find_model, load_trained_model
+    from dlmuse_bids.nnunet.predictor import InferenceOptions
+    from dlmuse_bids.pipeline import DLMUSEPipeline
+
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    dirs = [models]
+    if engine == "ours":
+        opts = InferenceOptions(device=device, threads=threads, use_mirroring=tta)
+        pipe = DLMUSEPipeline(
+            load_trained_model(find_model("DLICV", dirs)).predictor(opts),
+            load_trained_model(find_model("DLMUSE", dirs)).predictor(opts),
+        )
+    else:
+        pipe = DLMUSEPipeline(
+            *(
+                NNUNetPredictor(find_model(key, dirs), tta=tta, step_size=0.5, device=device)
+                for key in ("DLICV", "DLMUSE")
+            )
+        )
+    seconds = {"load_models": time.perf_counter() - t0}
+    t1 = time.perf_counter()
+    img = load_t1w(scan)
+    seconds["load"] = time.perf_counter() - t1
+    cpu0 = time.process_time()
+    result = pipe.run(img)
+    cpu = time.process_time() - cpu0
+    seconds.update(result.seconds)
+    nib.save(result.labels, labels_out)
+    return {
+        "engine": engine,
+        "scan": scan.name,
+        "shape": list(img.shape),
+        "zooms": [round(float(z), 4) for z in img.header.get_zooms()[:3]],
+        "tta": tta,
+        "threads": threads,
+        "device": device,
+        "precision": "fp32" if device == "cpu" else "fp16 autocast",
+        "step_size": 0.5,
+        "seconds": seconds,
+        "pipeline_s": sum(v for k, v in seconds.items() if k != "load_models"),
+        "cpu_s": cpu,
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "labels": str(labels_out),
+    }
+
+
+def agreement(a: Path, b: Path) -> dict:
+    import nibabel as nib
+    import numpy as np
+
+    x, y = (np.asarray(nib.load(p).dataobj) for p in (a, b))
+    inside = (x > 0) | (y > 0)
+    return {
+        "all_voxels": float((x == y).mean()),
+        "labelled_voxels": float((x[inside] == y[inside]).mean()) if inside.any() else 1.0,
+    }
+
+
+def _table(runs: list[dict], agreements: dict) -> str:
+    lines = [
+        "| scan | engine | TTA | threads | pipeline s | DLICV s | DLMUSE s | other s | CPU s "
+        "| peak RSS GiB | agreement (labelled voxels) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        s = r["seconds"]
+        other = r["pipeline_s"] - s["dlicv"] - s["dlmuse"]
+        agree = agreements.get(r["scan"])
+        lines.append(
+            f"| {r['scan']} | {r['engine']} | {'on' if r['tta'] else 'off'} | {r['threads']} | "
+            f"{r['pipeline_s']:.0f} | {s['dlicv']:.0f} | {s['dlmuse']:.0f} | {other:.1f} | "
+            f"{r['cpu_s']:.0f} | {r['peak_rss_gib']:.2f} | "
+            f"{'' if agree is None else format(100 * agree['labelled_voxels'], '.3f') + ' %'} |"
+        )
+    by_scan: dict[str, dict[str, dict]] = {}
+    for r in runs:
+        by_scan.setdefault(r["scan"], {})[r["engine"]] = r
+    for scan, engines in by_scan.items():
+        if {"ours", "nnunetv2"} <= set(engines):
+            ratio = engines["nnunetv2"]["pipeline_s"] / engines["ours"]["pipeline_s"]
+            rss = engines["nnunetv2"]["peak_rss_gib"] / engines["ours"]["peak_rss_gib"]
+            lines.append(f"\n{scan}: ours is {ratio:.2f}x faster, {rss:.2f}x less peak RSS.")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--scans", nargs="+", default=["sub-otsu_T1w.nii.gz", "sub-chris_T1w.nii.gz"])
+    p.add_argument(
+        "--engines", nargs="+", choices=("ours", "nnunetv2"), default=["ours", "nnunetv2"]
+    )
+    p.add_argument("--tta", choices=("on", "off"), default="on")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--models", type=Path, default=REPO / ".cache" / "full_width_models")
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    p.add_argument("--one", nargs=3, metavar=("ENGINE", "SCAN", "LABELS"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    tta = args.tta == "on"
+    if args.one:  # the child process of one run
+        engine, scan, labels = args.one
+        record = run_one(
+            engine, Path(scan), args.models, tta, args.threads, args.device, Path(labels)
+        )
+        print("RESULT " + json.dumps(record), flush=True)
+        return 0
+    from tests.support.paths import DATA_DIR
+
+    models = full_width_models(args.models)
+    runs, agreements = [], {}
+    with tempfile.TemporaryDirectory(prefix="engines-") as tmp:
+        for scan in args.scans:
+            labels = {}
+            for engine in args.engines:
+                labels[engine] = Path(tmp) / f"{engine}_{scan}"
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--one",
+                    engine,
+                    str(DATA_DIR / "t1w" / scan),
+                    str(labels[engine]),
+                    "--tta",
+                    args.tta,
+                    "--threads",
+                    str(args.threads),
+                    "--device",
+                    args.device,
+                    "--models",
+                    str(models),
+                ]
+                proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+                lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+                if proc.returncode or not lines:
+                    sys.exit(f"{engine} on {scan} failed:\n{proc.stderr[-3000:]}")
+                runs.append(json.loads(lines[-1].removeprefix("RESULT ")))
+                print(json.dumps(runs[-1]), flush=True)
+            if len(labels) == 2:
+                agreements[scan] = agreement(labels["ours"], labels["nnunetv2"])
+    meta = {
+        "machine": cpu_model(),
+        "python": sys.version.split()[0],
+        "models": "full-width DLICV + DLMUSE (official plans), seeded random weights",
+        "note": "pipeline_s excludes model loading; agreement: labelled voxels of either map",
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"engines_{args.device}_tta-{args.tta}"
+    (args.out / f"{stem}.json").write_text(
+        json.dumps({"meta": meta, "runs": runs, "agreement": agreements}, indent=2) + "\n"
+    )
+    table = f"Machine: {meta['machine']}; {meta['models']}.\n\n" + _table(runs, agreements)
+    (args.out / f"{stem}.md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
