@@ -93,8 +93,19 @@ def run_one(
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     dirs = [models]
-    if engine == "ours":
+    if engine in ("ours", "ours-fast"):
         opts = InferenceOptions(device=device, threads=threads, use_mirroring=tta)
+        if engine == "ours-fast":  # the --fast preset
+            from dlmuse_bids.nnunet.predictor import cpu_has_fast_bf16
+
+            fast_bf16 = device == "cpu" and cpu_has_fast_bf16()
+            opts = InferenceOptions(
+                device=device,
+                threads=threads,
+                use_mirroring=False,
+                precision="bf16" if fast_bf16 else "auto",
+                channels_last=True,
+            )
         pipe = DLMUSEPipeline(
             load_trained_model(find_model("DLICV", dirs)).predictor(opts),
             load_trained_model(find_model("DLMUSE", dirs)).predictor(opts),
@@ -123,7 +134,10 @@ def run_one(
         "tta": tta,
         "threads": threads,
         "device": device,
-        "precision": "fp32" if device == "cpu" else "fp16 autocast",
+        "precision": getattr(pipe.dlicv, "options", None)
+        and pipe.dlicv.options.resolved_precision()
+        or ("fp32" if device == "cpu" else "fp16"),
+        "mirroring": engine != "ours-fast" and tta,
         "step_size": 0.5,
         "seconds": seconds,
         "pipeline_s": sum(v for k, v in seconds.items() if k != "load_models"),
@@ -148,15 +162,17 @@ def agreement(a: Path, b: Path) -> dict:
 def _table(runs: list[dict], agreements: dict) -> str:
     lines = [
         "| scan | engine | TTA | threads | pipeline s | DLICV s | DLMUSE s | other s | CPU s "
-        "| peak RSS GiB | agreement (labelled voxels) |",
+        "| peak RSS GiB | agreement with ours exact / nnunetv2 (labelled voxels) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         s = r["seconds"]
         other = r["pipeline_s"] - s["dlicv"] - s["dlmuse"]
-        agree = agreements.get(r["scan"])
+        key = r["scan"] + (" fast" if r["engine"] == "ours-fast" else "")
+        agree = agreements.get(key)
         lines.append(
-            f"| {r['scan']} | {r['engine']} | {'on' if r['tta'] else 'off'} | {r['threads']} | "
+            f"| {r['scan']} | {r['engine']} ({r['precision']}) | "
+            f"{'on' if r['mirroring'] else 'off'} | {r['threads']} | "
             f"{r['pipeline_s']:.0f} | {s['dlicv']:.0f} | {s['dlmuse']:.0f} | {other:.1f} | "
             f"{r['cpu_s']:.0f} | {r['peak_rss_gib']:.2f} | "
             f"{'' if agree is None else format(100 * agree['labelled_voxels'], '.3f') + ' %'} |"
@@ -176,7 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--scans", nargs="+", default=["sub-otsu_T1w.nii.gz", "sub-chris_T1w.nii.gz"])
     p.add_argument(
-        "--engines", nargs="+", choices=("ours", "nnunetv2"), default=["ours", "nnunetv2"]
+        "--engines",
+        nargs="+",
+        choices=("ours", "nnunetv2", "ours-fast"),
+        default=["ours", "nnunetv2"],
     )
     p.add_argument("--tta", choices=("on", "off"), default="on")
     p.add_argument("--threads", type=int, default=2)
@@ -224,8 +243,10 @@ def main(argv: list[str] | None = None) -> int:
                     sys.exit(f"{engine} on {scan} failed:\n{proc.stderr[-3000:]}")
                 runs.append(json.loads(lines[-1].removeprefix("RESULT ")))
                 print(json.dumps(runs[-1]), flush=True)
-            if len(labels) == 2:
+            if {"ours", "nnunetv2"} <= set(labels):
                 agreements[scan] = agreement(labels["ours"], labels["nnunetv2"])
+            if {"ours", "ours-fast"} <= set(labels):
+                agreements[f"{scan} fast"] = agreement(labels["ours"], labels["ours-fast"])
     meta = {
         "machine": cpu_model(),
         "python": sys.version.split()[0],
