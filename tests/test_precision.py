@@ -103,3 +103,27 @@ def test_faster_arithmetic_keeps_the_answer(tiny_models):
     # random weights leave many near-ties between classes, so bf16 flips more voxels than the
     # official weights would; the bound is loose on purpose
     assert (labels(precision="bf16", channels_last=True) == exact).mean() >= 0.95
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
+def test_instance_norm_is_bit_identical_and_keeps_the_layout(affine, batch, layout):
+    from dlmuse_bids.nnunet.network import InstanceNorm3d
+
+    gen = torch.Generator().manual_seed(1)
+    ours, reference = InstanceNorm3d(8, affine=affine), torch.nn.InstanceNorm3d(8, affine=affine)
+    if affine:
+        with torch.no_grad():
+            for p in (ours.weight, ours.bias):
+                p.copy_(torch.randn(8, generator=gen))
+        reference.load_state_dict(ours.state_dict())
+    x = (3 * torch.randn(batch, 8, 9, 7, 6, generator=gen) + 1).contiguous(memory_format=layout)
+    got = ours(x)
+    expected = reference(x.contiguous())
+    if layout == torch.contiguous_format:  # the same kernel on the same memory: bit for bit
+        assert torch.equal(got, expected)
+    else:  # the channels-last kernel sums in another order
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    if batch == 1:
+        assert got.is_contiguous(memory_format=layout)
