@@ -174,7 +174,8 @@ class _Alignment:
         ijk = np.stack(np.meshgrid(*[np.arange(s.start, s.stop) for s in box], indexing="ij"))
         ijk = ijk.reshape(3, -1).T.astype(np.float64)
         self.points = torch.from_numpy(ijk @ fixed_affine[:3, :3].T + fixed_affine[:3, 3]).float()
-        self.values = fixed[box].reshape(-1)
+        values = fixed[box].reshape(-1)
+        self.centred = values - values.mean()  # the template side of the NCC, fixed per grid
         self.to_index = torch.from_numpy(np.linalg.inv(affine)).float()
         self.shape = torch.tensor(self.volume.shape, dtype=torch.float32)
 
@@ -191,7 +192,7 @@ class _Alignment:
             padding_mode="zeros",
         ).view(batch, -1)
         a = sampled - sampled.mean(1, keepdim=True)
-        b = self.values - self.values.mean()
+        b = self.centred
         return (a * b).sum(1) / (a.norm(dim=1) * b.norm() + 1e-6)
 
 
@@ -243,14 +244,15 @@ def register_to_template(
     random initialisation, and torch's CPU kernels used here are deterministic.
     """
     with torch.inference_mode(False), torch.enable_grad():
-        moving = _normalised(np.asanyarray(image.dataobj), np.asanyarray(mask.dataobj))
+        moving_mask = np.asanyarray(mask.dataobj) > 0
+        moving = _normalised(np.asanyarray(image.dataobj), moving_mask)
         fixed_mask = np.asanyarray(template_mask.dataobj) > 0.5
         fixed = _normalised(np.asanyarray(template.dataobj), fixed_mask)
-        moving_ml = float((np.asanyarray(mask.dataobj) > 0).sum()) * _voxel_ml(image.affine)
+        moving_ml = float(moving_mask.sum()) * _voxel_ml(image.affine)
         fixed_ml = float(fixed_mask.sum()) * _voxel_ml(template.affine)
         if moving_ml == 0 or fixed_ml == 0:
             raise ValueError("an empty mask cannot be aligned")
-        centre_m = torch.from_numpy(_centre_mm(np.asanyarray(mask.dataobj), image.affine)).float()
+        centre_m = torch.from_numpy(_centre_mm(moving_mask, image.affine)).float()
         centre_t = torch.from_numpy(_centre_mm(fixed_mask, template.affine)).float()
         start_scale = (moving_ml / fixed_ml) ** (1.0 / 3.0)
         base = torch.from_numpy(axis_rotations() * start_scale).float()

@@ -103,12 +103,13 @@ def write_group_report(output_dir: Path) -> Path:
     qc = _read(group_dir / "dlmuse_qc.tsv")
     columns = roi_columns()
     ok = volumes[volumes["status"] == "ok"].reset_index(drop=True)
-    flags_by_source = dict(zip(qc["source"], qc.get("qc_flags", pd.Series()), strict=False))
+    flags = qc["qc_flags"] if "qc_flags" in qc.columns else pd.Series("", index=qc.index)
+    flags_by_source = dict(zip(qc["source"], flags.fillna(""), strict=True))
     outliers = _outliers(ok, columns) if len(ok) else {}
     reasons: dict[int, list[str]] = {}
     for index, row in ok.iterrows():
-        qc_flags = str(flags_by_source.get(row["source"], "") or "")
-        if qc_flags and qc_flags != "nan":
+        qc_flags = str(flags_by_source.get(row["source"], ""))
+        if qc_flags:
             reasons.setdefault(index, []).append(f"QC: {qc_flags}")
         reasons.setdefault(index, []).extend(outliers.get(index, []))
     flagged = np.array([bool(reasons.get(i)) for i in range(len(ok))], dtype=bool)
