@@ -217,3 +217,75 @@ def test_a_crash_on_one_image_does_not_stop_the_others(
     assert (out / "sub-02_T1w_DLMUSE.nii.gz").exists()
     assert not (out / "sub-01_T1w_DLMUSE.nii.gz").exists()
     assert pd.read_csv(out / "DLMUSE_Volumes.csv")["MRID"].tolist() == ["sub-02"]
+
+
+def _three_heads(head_file: Path) -> list[Path]:
+    files = [head_file]
+    for name in ("sub-02_T1w.nii.gz", "sub-03_T1w.nii.gz"):
+        files.append(head_file.with_name(name))
+        files[-1].write_bytes(head_file.read_bytes())
+    return files
+
+
+def test_reads_ahead_and_keeps_input_order(tiny_models, head_file, tmp_path, monkeypatch):
+    """The next image is read while the current one is segmented; the CSV keeps input order."""
+    import threading
+    import time
+
+    import dlmuse_bids.io
+    from dlmuse_bids.pipeline import DLMUSEPipeline
+
+    events: list[tuple[str, str]] = []
+    load, run = dlmuse_bids.io.load_t1w, DLMUSEPipeline.run
+
+    def logged_load(path, **kw):
+        events.append(("read", Path(path).name, threading.current_thread().name))
+        return load(path, **kw)
+
+    def slow_run(self, img):
+        name = Path(img.extra["source_path"]).name
+        events.append(("start", name, ""))
+        time.sleep(0.5)  # long enough for the reader thread to fetch the next image
+        result = run(self, img)
+        events.append(("end", name, ""))
+        return result
+
+    monkeypatch.setattr(dlmuse_bids.io, "load_t1w", logged_load)
+    monkeypatch.setattr(DLMUSEPipeline, "run", slow_run)
+    files = _three_heads(head_file)
+    out = tmp_path / "out"
+    assert _run("run", files[2], "-o", out, "--model-dir", tiny_models, "--no-tta") == 0
+    events.clear()
+    assert _run("run", *files, "-o", out, "--model-dir", tiny_models, "--no-tta") == 0
+    reads = [e for e in events if e[0] == "read"]
+    assert [e[1] for e in reads] == ["sub-01_T1w.nii.gz", "sub-02_T1w.nii.gz"]  # sub-03 kept
+    assert all(e[2].startswith("dlmuse-read") for e in reads)
+    assert events.index(reads[1]) < events.index(("end", "sub-01_T1w.nii.gz", ""))
+    table = pd.read_csv(out / "DLMUSE_Volumes.csv", dtype={"MRID": str})
+    assert table["MRID"].tolist() == ["sub-01", "sub-02", "sub-03"]
+
+
+def test_full_disk_stops_with_a_clear_error(tiny_models, head_file, tmp_path, monkeypatch, capsys):
+    """ENOSPC while writing: exit 73, a line naming the folder, no partial or final file."""
+    import errno
+
+    import dlmuse_bids.io
+
+    save = dlmuse_bids.io.save_nifti_atomic
+
+    def full_on_second(img, path):
+        if "sub-02" in Path(path).name:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return save(img, path)
+
+    monkeypatch.setattr(dlmuse_bids.io, "save_nifti_atomic", full_on_second)
+    files = _three_heads(head_file)
+    out = tmp_path / "out"
+    assert _run("run", *files, "-o", out, "--model-dir", tiny_models, "--no-tta") == 73
+    err = capsys.readouterr().err
+    assert f"dlmuse: {out}: cannot write outputs of {files[1]} (No space left on device)" in err
+    assert sorted(p.name for p in out.iterdir()) == [
+        "sub-01_T1w_DLICV.nii.gz",
+        "sub-01_T1w_DLMUSE.nii.gz",
+        "sub-01_T1w_DLMUSE_Volumes.csv",
+    ]

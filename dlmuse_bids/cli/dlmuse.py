@@ -13,6 +13,7 @@ import re
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -210,8 +211,39 @@ class _Outcome:
     message: str = ""
 
 
+def _run_outputs(out_dir: Path, path: Path) -> tuple[Path, Path, Path]:
+    """The ICV mask, label map and volumes CSV that ``dlmuse run`` writes for ``path``."""
+    name = image_name(path)
+    return (
+        out_dir / f"{name}_DLICV.nii.gz",
+        out_dir / f"{name}_DLMUSE.nii.gz",
+        out_dir / f"{name}_DLMUSE_Volumes.csv",
+    )
+
+
+def _write_run_outputs(result, row: dict, outputs: tuple[Path, Path, Path]) -> None:
+    from ..io import save_nifti_atomic
+    from ..labels import write_nichart_csv
+
+    icv_path, seg_path, csv_path = outputs
+    save_nifti_atomic(result.icv_mask, icv_path)
+    save_nifti_atomic(result.labels, seg_path)
+    write_nichart_csv([row], csv_path)
+
+
+def _first_failed_write(writes: list[tuple[Path, Future]], out_dir: Path) -> str | None:
+    """The error line of the first finished write that failed (OSError), if any."""
+    for path, future in writes:
+        exc = future.exception() if future.done() else None
+        if isinstance(exc, OSError):
+            return f"dlmuse: {out_dir}: cannot write outputs of {path} ({exc.strerror or exc})"
+        if exc is not None:
+            raise exc
+    return None
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
-    from ..io import InputImageError, load_t1w, save_nifti_atomic
+    from ..io import InputImageError, load_t1w
     from ..labels import nichart_volumes_row, write_nichart_csv
     from ..models import ModelError, find_model
     from ..pipeline import DLMUSEPipeline
@@ -246,52 +278,65 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"dlmuse: {exc}", file=sys.stderr)
         return EXIT_NO_INPUT
 
-    rows = []
+    # Images are read one ahead and written one behind on threads (decompression and gzip
+    # release the GIL), so with the models resident the network is rarely idle.
+    rows: dict[Path, dict] = {}
+    compute: list[Path] = []
     for path in todo:
-        name, mrid = image_name(path), subject_id(path)
-        seg_path = out_dir / f"{name}_DLMUSE.nii.gz"
-        icv_path = out_dir / f"{name}_DLICV.nii.gz"
-        csv_path = out_dir / f"{name}_DLMUSE_Volumes.csv"
-        if not args.overwrite and all(p.exists() for p in (seg_path, icv_path, csv_path)):
+        paths = _run_outputs(out_dir, path)
+        if not args.overwrite and all(p.exists() for p in paths):
             import pandas as pd
 
             logger.warning("%s: outputs exist, kept (use --overwrite to recompute)", path)
-            rows.append(pd.read_csv(csv_path, dtype={"MRID": str}).iloc[0].to_dict())
-            outcomes.append(_Outcome(path, mrid, True, "kept existing outputs"))
-            continue
-        start = time.perf_counter()
-        try:
-            img = load_t1w(path)
-            result = pipeline.run(img)
-        except InputImageError as exc:
-            outcomes.append(_Outcome(path, mrid, False, str(exc)))
-            print(f"dlmuse: {exc}", file=sys.stderr)
-            continue
-        except Exception as exc:  # one image's failure must not stop the others
-            logger.debug("%s: traceback", path, exc_info=True)
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            msg = f"{path}: segmentation failed ({type(exc).__name__}: {first})"
-            outcomes.append(_Outcome(path, mrid, False, msg))
-            print(f"dlmuse: {msg}", file=sys.stderr)
-            continue
-        row = nichart_volumes_row(mrid, result.volumes)
-        try:
-            save_nifti_atomic(result.icv_mask, icv_path)
-            save_nifti_atomic(result.labels, seg_path)
-            write_nichart_csv([row], csv_path)
-        except OSError as exc:
-            print(
-                f"dlmuse: {out_dir}: cannot write outputs of {path} ({exc.strerror or exc})",
-                file=sys.stderr,
-            )
+            rows[path] = pd.read_csv(paths[2], dtype={"MRID": str}).iloc[0].to_dict()
+            outcomes.append(_Outcome(path, subject_id(path), True, "kept existing outputs"))
+        else:
+            compute.append(path)
+
+    with (
+        ThreadPoolExecutor(1, thread_name_prefix="dlmuse-read") as reader,
+        ThreadPoolExecutor(1, thread_name_prefix="dlmuse-write") as writer,
+    ):
+        reads = [reader.submit(load_t1w, compute[0])] if compute else []
+        writes: list[tuple[Path, Future]] = []
+        for i, path in enumerate(compute):
+            image = reads[i]
+            if i + 1 < len(compute):
+                reads.append(reader.submit(load_t1w, compute[i + 1]))
+            mrid = subject_id(path)
+            start = time.perf_counter()
+            try:
+                result = pipeline.run(image.result())
+            except InputImageError as exc:
+                outcomes.append(_Outcome(path, mrid, False, str(exc)))
+                print(f"dlmuse: {exc}", file=sys.stderr)
+                continue
+            except Exception as exc:  # one image's failure must not stop the others
+                logger.debug("%s: traceback", path, exc_info=True)
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                msg = f"{path}: segmentation failed ({type(exc).__name__}: {first})"
+                outcomes.append(_Outcome(path, mrid, False, msg))
+                print(f"dlmuse: {msg}", file=sys.stderr)
+                continue
+            logger.info("%s: segmented in %.1f s", path, time.perf_counter() - start)
+            row = nichart_volumes_row(mrid, result.volumes)
+            failed_write = _first_failed_write(writes, out_dir)
+            if failed_write:
+                print(failed_write, file=sys.stderr)
+                return EXIT_CANT_CREATE
+            outputs = _run_outputs(out_dir, path)
+            writes.append((path, writer.submit(_write_run_outputs, result, row, outputs)))
+            rows[path] = row
+            outcomes.append(_Outcome(path, mrid, True))
+        wait([future for _, future in writes])
+        failed_write = _first_failed_write(writes, out_dir)
+        if failed_write:
+            print(failed_write, file=sys.stderr)
             return EXIT_CANT_CREATE
-        rows.append(row)
-        outcomes.append(_Outcome(path, mrid, True))
-        logger.info("%s: done in %.1f s", path, time.perf_counter() - start)
 
     if rows:
         try:
-            write_nichart_csv(rows, out_dir / "DLMUSE_Volumes.csv")
+            write_nichart_csv([rows[p] for p in todo if p in rows], out_dir / "DLMUSE_Volumes.csv")
         except OSError as exc:
             print(
                 f"dlmuse: {out_dir}: cannot write DLMUSE_Volumes.csv ({exc.strerror or exc})",

@@ -229,11 +229,18 @@ class Decoder(nn.Module):
         self.transpconvs = nn.ModuleList(transpconvs)
         self.seg_layers = nn.ModuleList(seg_layers)
 
+    def features(self, skips: list[torch.Tensor]) -> torch.Tensor:
+        """The last stage's features (the input of the segmentation head).
+
+        The list is consumed: each skip is freed as soon as it has been concatenated.
+        """
+        x = skips.pop()
+        for up, stage in zip(self.transpconvs, self.stages, strict=True):
+            x = stage(torch.cat((up(x), skips.pop()), 1))
+        return x
+
     def forward(self, skips: list[torch.Tensor]) -> torch.Tensor:
-        x = skips[-1]
-        for s, (up, stage) in enumerate(zip(self.transpconvs, self.stages, strict=True)):
-            x = stage(torch.cat((up(x), skips[-(s + 2)]), 1))
-        return self.seg_layers[-1](x)
+        return self.seg_layers[-1](self.features(skips))
 
 
 class UNet(nn.Module):
@@ -247,6 +254,15 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.encoder(x))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Everything but the segmentation head: ``forward(x) == head(features(x))``."""
+        return self.decoder.features(self.encoder(x))
+
+    @property
+    def head(self) -> nn.Conv3d:
+        """The segmentation head, a 1x1x1 convolution to the class logits."""
+        return self.decoder.seg_layers[-1]
 
 
 def build_network(spec: ArchitectureSpec, in_channels: int, num_classes: int) -> UNet:
