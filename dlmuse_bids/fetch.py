@@ -24,7 +24,8 @@ from urllib.parse import quote
 from urllib.request import Request, urlopen
 
 from . import __version__
-from .models import CHECKPOINT, OFFICIAL_MODELS, TRAINER_DIR, sha256_file
+from .io import write_bytes_atomic
+from .models import CHECKPOINT, OFFICIAL_MARKER, OFFICIAL_MODELS, TRAINER_DIR, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -219,7 +220,27 @@ def fetch_models(
                 continue
             download(file_url(endpoint, revision, item), final, item, progress=progress)
             fetched.append(final)
+        for item in official_files() if files is None else files:
+            if item.sha256 is not None:  # a checkpoint: its folder is now the official model
+                _write_marker(dest / item.dest, item, revision)
     return fetched
+
+
+def _write_marker(checkpoint: Path, item: RemoteFile, revision: str) -> None:
+    """Record in the model folder that its checkpoint must stay the file fetched from ``item``."""
+    folder = checkpoint.parent.parent  # <model folder>/fold_0/checkpoint_final.pth
+    record = {
+        "repo": item.repo,
+        "revision": revision,
+        "path": item.path,
+        "size": item.size,
+        "sha256": item.sha256,
+        "fetched_by": f"dlmuse-bids {__version__}",
+    }
+    marker = folder / OFFICIAL_MARKER
+    payload = (json.dumps(record, indent=2) + "\n").encode("utf-8")
+    if not marker.is_file() or marker.read_bytes() != payload:
+        write_bytes_atomic(marker, payload)
 
 
 def verify_models(dest: Path, files: Sequence[RemoteFile] | None = None) -> list[str]:

@@ -8,6 +8,7 @@ file that needs more is only loaded when its sha256 is that of an official relea
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import pickle
 import re
@@ -134,7 +135,15 @@ def _numpy_safe_globals() -> list:
     return items
 
 
-def load_checkpoint(path: Path, official: OfficialModel | None = None) -> tuple[dict, str]:
+#: Written by ``dlmuse models fetch`` into each model folder it downloaded: from then on its
+#: fold-0 checkpoint must stay exactly the file that was fetched (size and sha256).
+OFFICIAL_MARKER = ".dlmuse-official.json"
+REFETCH_HINT = "fetch it again with `dlmuse models fetch --dest DIR` (DIR: the models directory)"
+
+
+def load_checkpoint(
+    path: Path, official: OfficialModel | None = None, *, fetched: dict | None = None
+) -> tuple[dict, str]:
     """Load an nnU-Net checkpoint safely; return it with its sha256.
 
     Parameters
@@ -145,17 +154,30 @@ def load_checkpoint(path: Path, official: OfficialModel | None = None) -> tuple[
         The official model this file should be, if any. A file with the official size but not
         its sha256 is refused before loading (a damaged download); a file that needs more than
         ``weights_only`` is loaded only when its sha256 is the official one.
+    fetched
+        The record of :data:`OFFICIAL_MARKER` when ``dlmuse models fetch`` downloaded this
+        folder (``repo``, ``size``, ``sha256``): any other size or sha256 (a truncated or
+        altered file) is refused before loading.
     """
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"{path}: checkpoint file missing")
     size = path.stat().st_size
+    if fetched is not None and size != fetched.get("size"):
+        raise ModelError(
+            f"{path}: {size} bytes, but the checkpoint fetched from {fetched.get('repo')} has "
+            f"{fetched.get('size')}; the file is damaged: {REFETCH_HINT}"
+        )
     digest = sha256_file(path)
+    if fetched is not None and digest != fetched.get("sha256"):
+        raise ModelError(
+            f"{path}: sha256 {digest} is not that of the checkpoint fetched from "
+            f"{fetched.get('repo')} ({fetched.get('sha256')}); the file is damaged: {REFETCH_HINT}"
+        )
     if official is not None and size == official.size and digest != official.sha256:
         raise ModelError(
             f"{path}: sha256 {digest} is not the official {official.key} checkpoint's "
-            f"({official.sha256}); the file is damaged. Delete it and fetch it again from "
-            f"{official.hf_repo}"
+            f"({official.sha256}, {official.hf_repo}); the file is damaged: {REFETCH_HINT}"
         )
     try:
         with torch.serialization.safe_globals(_numpy_safe_globals()):
@@ -215,6 +237,20 @@ def _official_for(folder: Path) -> OfficialModel | None:
     return None
 
 
+def _fetch_record(folder: Path) -> dict | None:
+    """The :data:`OFFICIAL_MARKER` record of a fetched model folder, or None."""
+    marker = Path(folder) / OFFICIAL_MARKER
+    if not marker.is_file():
+        return None
+    try:
+        record = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{marker}: unreadable ({exc}): {REFETCH_HINT}") from exc
+    if not isinstance(record, dict):
+        raise ModelError(f"{marker}: not a fetch record: {REFETCH_HINT}")
+    return record
+
+
 def load_trained_model(folder: Path, folds: Sequence[int | str] | None = None) -> TrainedModel:
     """Load an nnU-Net v2 trained-model folder (``plans.json``, ``dataset.json``, folds).
 
@@ -246,7 +282,10 @@ def load_trained_model(folder: Path, folds: Sequence[int | str] | None = None) -
                 f"{path}: fold {fold} requested but its checkpoint is missing "
                 f"(available folds: {present or 'none'})"
             )
-        ckpt, digest = load_checkpoint(path, official if str(fold) == "0" else None)
+        first = str(fold) == "0"
+        ckpt, digest = load_checkpoint(
+            path, official if first else None, fetched=_fetch_record(folder) if first else None
+        )
         digests[f"fold_{fold}"] = digest
         weights.append(ckpt["network_weights"])
         if i == 0:

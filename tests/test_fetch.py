@@ -182,3 +182,45 @@ def test_dlmuse_run_fetches_on_first_use(hub, tmp_path, monkeypatch):
     assert dlmuse_main(["run", str(head), "-o", str(out), "--no-tta"]) == 0
     assert (out / "sub-01_T1w_DLMUSE.nii.gz").is_file()
     assert sum(server.hub.gets.values()) == 6
+
+
+def test_a_damaged_fetched_checkpoint_is_refused_before_loading(
+    hub, tmp_path, monkeypatch, capsys
+):
+    """Truncated or altered after the fetch: refused unloaded, saying how to fetch it again."""
+    import json
+
+    import torch
+
+    from dlmuse_bids.cli.bids_app import main as bids_main
+    from dlmuse_bids.models import OFFICIAL_MARKER, ModelError
+    from tests.support.bids import STANDARD_T1W, make_dataset
+
+    server, manifest = hub
+    dest = tmp_path / "models"
+    fetch.fetch_models(dest, endpoint=server.endpoint, files=manifest)
+    item = _checkpoints(manifest)[0]
+    ckpt = dest / item.dest
+    record = json.loads((ckpt.parent.parent / OFFICIAL_MARKER).read_text())
+    assert record["repo"] == item.repo
+    assert (record["size"], record["sha256"]) == (item.size, item.sha256)
+    data = ckpt.read_bytes()
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(1) or real_load(*a, **k))
+    for damaged, why in (
+        (data[:-1000], "bytes"),
+        (data[:-1] + bytes([data[-1] ^ 0xFF]), "sha256"),
+    ):
+        ckpt.write_bytes(damaged)
+        with pytest.raises(ModelError) as info:
+            load_trained_model(ckpt.parent.parent)
+        message = str(info.value)
+        assert message.startswith(f"{ckpt}: ") and why in message and "\n" not in message
+        assert "dlmuse models fetch" in message
+    assert not loads
+    raw = make_dataset(tmp_path / "raw", [STANDARD_T1W[3]])
+    argv = [str(raw), str(tmp_path / "out"), "participant", "--model-dir", str(dest)]
+    assert bids_main([*argv, "--skip-bids-validation"], env={}) == 66
+    assert "dlmuse models fetch" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "sub-02").exists()
