@@ -319,6 +319,7 @@ class Provenance:
     models: Mapping[str, Mapping[str, Any]]  # name -> ModelInfo.provenance()
     template: str | None = None  # the template of the orientation check, None when skipped
     precision: str = "fp32"  # the networks' arithmetic
+    t1w_volume: int | None = None  # the volume segmented in 4-D T1w files (--t1w-volume)
 
     def metadata(self) -> dict[str, Any]:
         """Sidecar fields (merged into every image's JSON)."""
@@ -330,6 +331,7 @@ class Provenance:
             "Models": {name: dict(info) for name, info in self.models.items()},
             "TemplateCheck": self.template,
             "Precision": self.precision,
+            "T1wVolume": self.t1w_volume,
         }
 
     def matches(self, sidecar: Mapping[str, Any]) -> bool:
@@ -342,6 +344,7 @@ class Provenance:
             and sidecar.get("TileStepSize") == mine["TileStepSize"]
             and sidecar.get("TemplateCheck") == mine["TemplateCheck"]
             and sidecar.get("Precision") == mine["Precision"]
+            and sidecar.get("T1wVolume") == mine["T1wVolume"]
             and set(theirs_models) == set(mine["Models"])
             and all(
                 theirs_models[name].get("CheckpointSHA256") == info["CheckpointSHA256"]

@@ -25,7 +25,7 @@ from nipype.interfaces.base import (
 )
 
 from .bids import Provenance, derivative_path, image_sidecar, write_json_atomic
-from .io import load_t1w, make_label_image, save_nifti_atomic, write_bytes_atomic
+from .io import describe_image, load_t1w, make_label_image, save_nifti_atomic, write_bytes_atomic
 from .labels import class_to_muse_lut, roi_volume_table
 from .pipeline import lps_zooms, mask_and_crop, paste_labels, to_native, to_reference_orientation
 
@@ -93,13 +93,52 @@ def _zooms(values) -> tuple[float, float, float]:
 
 # -- pipeline steps ---------------------------------------------------------------------------
 class _ReorientInputSpec(BaseInterfaceInputSpec):
-    in_file = File(exists=True, mandatory=True, desc="T1w image (.nii or .nii.gz)")
+    # not exists=True: a missing file or broken link must fail in this node, with load_t1w's
+    # one-line reason, not stop the whole workflow from being built
+    in_file = File(mandatory=True, desc="T1w image (.nii or .nii.gz)")
+    volume = traits.Int(desc="volume of a 4-D file to use (default: refuse several volumes)")
 
 
 class _ReorientOutputSpec(TraitedSpec):
     out_file = File(exists=True, desc="the T1w in LPS voxel order, float32")
     zooms = traits.List(traits.Float, desc="voxel sizes (mm) every later step is told")
     orientation = traits.Str(desc="axis codes of the source image, e.g. RAS")
+    geometry = traits.Dict(desc="which header affine was used, and why (sidecar field)")
+
+
+def source_geometry(img: nib.Nifti1Image) -> dict:
+    """The ``SourceGeometry`` sidecar field: which affine placed the image, and how it was read.
+
+    Like nibabel's ``get_best_affine``, the sform is used when its code is set, else the qform;
+    when both are set and disagree the sidecar says so (and that the sform won).
+    """
+    info = describe_image(img)
+    geometry = {
+        "AffineSource": info["affine_source"],
+        "SformCode": info["sform_code"],
+        "QformCode": info["qform_code"],
+        "DataType": info["dtype"],
+        "VoxelSize": info["zooms"],
+    }
+    extra = img.extra or {}
+    if extra.get("volume") is not None:
+        geometry["Volume"] = int(extra["volume"])
+    if info["sform_qform_mismatch"]:
+        geometry["Note"] = (
+            "the sform and qform disagree; the sform was used, as nibabel's get_best_affine does"
+        )
+    return geometry
+
+
+def _chosen_volume(source: str, volume) -> int | None:
+    """``volume`` (--t1w-volume) for a source with several volumes; others are used whole."""
+    if not isdefined(volume):
+        return None
+    try:
+        shape = nib.load(source).shape
+    except Exception:  # noqa: BLE001 - load_t1w gives the one-line reason
+        return None
+    return volume if len(shape) == 4 and shape[3] > 1 else None
 
 
 class ReorientToLPS(SimpleInterface):
@@ -109,12 +148,15 @@ class ReorientToLPS(SimpleInterface):
     output_spec = _ReorientOutputSpec
 
     def _run_interface(self, runtime):
-        img = load_t1w(self.inputs.in_file)
+        img = load_t1w(
+            self.inputs.in_file, volume=_chosen_volume(self.inputs.in_file, self.inputs.volume)
+        )
         lps, _ = to_reference_orientation(img)
         data = np.asarray(lps.dataobj, dtype=np.float32)
         self._results["out_file"] = _save_like(data, lps, Path(runtime.cwd) / "t1w_lps.nii")
         self._results["zooms"] = list(lps_zooms(lps))
         self._results["orientation"] = "".join(nib.aff2axcodes(img.affine))
+        self._results["geometry"] = source_geometry(img)
         return runtime
 
 
@@ -215,7 +257,8 @@ class MaskAndCrop(SimpleInterface):
 
 
 class _PasteInputSpec(BaseInterfaceInputSpec):
-    source_file = File(exists=True, mandatory=True, desc="the T1w (defines the output grid)")
+    source_file = File(mandatory=True, desc="the T1w (defines the output grid)")
+    volume = traits.Int(desc="the volume segmented, for a source with several volumes")
     crop_labels = File(exists=True, mandatory=True, desc="DLMUSE's classes on the crop")
     icv_mask = File(exists=True, mandatory=True, desc="kept ICV component (LPS)")
     crop_box = traits.List(traits.List(traits.Int), mandatory=True, desc="crop box")
@@ -233,7 +276,8 @@ class PasteLabels(SimpleInterface):
     output_spec = _PasteOutputSpec
 
     def _run_interface(self, runtime):
-        img = load_t1w(self.inputs.source_file)
+        source = self.inputs.source_file
+        img = load_t1w(source, volume=_chosen_volume(source, self.inputs.volume))
         classes = np.asarray(nib.load(self.inputs.crop_labels).dataobj)
         mask = np.asarray(nib.load(self.inputs.icv_mask).dataobj)
         box = tuple((a, b) for a, b in self.inputs.crop_box)
@@ -351,6 +395,7 @@ class _SidecarInputSpec(BaseInterfaceInputSpec):
     device = traits.Str(mandatory=True, desc="where the networks ran")
     selection = traits.Dict(mandatory=True, desc="how the ICV component was chosen")
     orientation = traits.Str(mandatory=True, desc="source axis codes")
+    geometry = traits.Dict(desc="SourceGeometry: the affine used, data type, voxel size")
     seconds = traits.List(traits.Float, desc="DLICV and DLMUSE inference times")
 
 
@@ -369,6 +414,8 @@ class SidecarMetadata(SimpleInterface):
         source, bids_dir = Path(self.inputs.source_file), Path(self.inputs.bids_dir)
         prov = Provenance(**self.inputs.provenance)
         common = {"Device": self.inputs.device, "SourceOrientation": self.inputs.orientation}
+        if isdefined(self.inputs.geometry):
+            common["SourceGeometry"] = dict(self.inputs.geometry)
         if isdefined(self.inputs.seconds):
             common["InferenceSeconds"] = dict(
                 zip(("DLICV", "DLMUSE"), (round(t, 2) for t in self.inputs.seconds), strict=True)

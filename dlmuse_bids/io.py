@@ -444,6 +444,11 @@ def _write_atomic(final: Path, payload: bytes) -> None:
             while view:
                 view = view[os.write(fd, view[:_WRITE_CHUNK]) :]
             os.fsync(fd)
+        except OSError as exc:
+            if exc.filename is not None:
+                raise
+            # os.write names no file: name the output, not its hidden temporary
+            raise OSError(exc.errno, exc.strerror, str(final)) from exc
         finally:
             os.close(fd)
         os.replace(tmp, final)

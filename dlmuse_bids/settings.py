@@ -96,6 +96,7 @@ class BIDSAppSettings:
     container: Mapping[str, str] | None = None
     template: TemplateFiles | None = None  # the orientation check's template, when available
     template_note: str = "no template given"  # why there is no template
+    t1w_volume: int | None = None  # which volume of 4-D T1w files to segment (None: refuse them)
     version: str = __version__
 
 

@@ -47,12 +47,18 @@ def workflow_name(source: Path) -> str:
 
 
 def _network_mem_gb(source: Path) -> float:
+    """Memory estimate for the network nodes, from the header alone.
+
+    Any file whose header gives no 3-D size (unreadable, 2-D, not a NIfTI) gets the default:
+    it fails in its first node, with a clear error, and must not stop the workflow being built.
+    """
     try:
-        shape = nib.load(source).shape[:3]
-    except Exception:  # an unreadable file fails in its first node, with a clear error
+        shape = [int(n) for n in nib.load(source).shape[:3]]
+    except Exception:
         return 2.0
-    n = int(shape[0]) * int(shape[1]) * int(shape[2])
-    return max(1.0, n * _GIB_PER_VOXEL)
+    if len(shape) != 3:
+        return 2.0
+    return max(1.0, shape[0] * shape[1] * shape[2] * _GIB_PER_VOXEL)
 
 
 def gpu_scheduling(device: str) -> bool:
@@ -96,6 +102,9 @@ def init_dlmuse_wf(
 
     mem_gb = _network_mem_gb(t1w)
     reorient = pe.Node(ReorientToLPS(), name="reorient", mem_gb=mem_gb / 4)
+    paste = pe.Node(PasteLabels(), name="paste", mem_gb=mem_gb / 4)
+    if provenance.t1w_volume is not None:  # both read the source
+        reorient.inputs.volume = paste.inputs.volume = provenance.t1w_volume
     networks = {}
     for key in ("DLICV", "DLMUSE"):
         info = models[key]
@@ -118,7 +127,6 @@ def init_dlmuse_wf(
         )
         networks[key] = node
     mask_crop = pe.Node(MaskAndCrop(), name="mask_crop", mem_gb=mem_gb / 4)
-    paste = pe.Node(PasteLabels(), name="paste", mem_gb=mem_gb / 4)
     volumes = pe.Node(ROIVolumes(), name="volumes")
     qc = pe.Node(QCMeasures(), name="qc")
     seconds = pe.Node(niu.Merge(2), name="seconds", run_without_submitting=True)
@@ -148,7 +156,7 @@ def init_dlmuse_wf(
         (inputnode, sidecars, [("t1w", "source_file")]),
         (networks["DLICV"], sidecars, [("device", "device")]),
         (mask_crop, sidecars, [("selection", "selection")]),
-        (reorient, sidecars, [("orientation", "orientation")]),
+        (reorient, sidecars, [("orientation", "orientation"), ("geometry", "geometry")]),
         (inputnode, sinks["dseg"], [("t1w", "source_file")]),
         (paste, sinks["dseg"], [("out_dseg", "in_file")]),
         (sidecars, sinks["dseg"], [("dseg_meta", "metadata")]),

@@ -22,7 +22,7 @@ from dlmuse_bids.labels import volume_roi_ids, volume_roi_members
 from dlmuse_bids.template import TEMPLATE, read_itk_affine
 from dlmuse_bids.workflows import SINK_NODES
 from tests.conftest import needs_shared
-from tests.support.bids import STANDARD_T1W, make_dataset
+from tests.support.bids import STANDARD_T1W, make_dataset, tree_digest
 from tests.support.templates import make_templateflow_home
 
 pytestmark = needs_shared
@@ -42,8 +42,13 @@ def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
 
 
 def _run(bids_dir, out, *extra, models, level="participant", env=None):
+    """``dlmuse-bids``, checking that the input dataset is left byte for byte as it was."""
     argv = [str(bids_dir), str(out), level, "--model-dir", str(models), *extra]
-    return main(argv, env=env or {})
+    before = tree_digest(Path(bids_dir)) if Path(bids_dir).is_dir() else None
+    code = main(argv, env=env or {})
+    if before is not None:
+        assert tree_digest(Path(bids_dir)) == before, f"{bids_dir} was modified"
+    return code
 
 
 @pytest.fixture(scope="module")

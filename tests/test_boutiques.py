@@ -17,6 +17,7 @@ from dlmuse_bids.cli.common import (
     EXIT_NO_INPUT,
     EXIT_SOME_FAILED,
     EXIT_USAGE,
+    non_negative_int,
     positive_int,
 )
 from dlmuse_bids.group import GROUP_DIR, write_group_tables
@@ -83,6 +84,8 @@ def test_flags_are_the_parser_options(descriptor):
         assert inp.get("value-choices") == (list(action.choices) if action.choices else None)
         if action.type is positive_int:
             assert (inp["type"], inp.get("integer"), inp.get("minimum")) == ("Number", True, 1)
+        elif action.type is non_negative_int:
+            assert (inp["type"], inp.get("integer"), inp.get("minimum")) == ("Number", True, 0)
         elif action.type is Path:
             assert inp["type"] in ("File", "String"), flag
         else:
@@ -160,6 +163,7 @@ INVOCATIONS = {
         "participant_label": ["01", "sub-02"],
         "session_label": ["1"],
         "bids_filter_file": "/data/filter.json",
+        "t1w_volume": 0,
         "skip_bids_validation": True,
         "bids_database_dir": "/scratch/pybids",
         "work_dir": "/scratch/work",

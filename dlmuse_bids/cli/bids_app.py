@@ -30,6 +30,7 @@ from .common import (
     Parser,
     add_speed_options,
     nipype_log_level,
+    non_negative_int,
     positive_int,
     speed_settings,
     unwritable,
@@ -79,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help='JSON of pybids entity filters for the T1w query, e.g. {"acquisition": "mprage"} '
         '(fMRIPrep\'s {"t1w": {...}} also works; null: entity absent)',
+    )
+    sel.add_argument(
+        "--t1w-volume",
+        type=non_negative_int,
+        metavar="N",
+        help="segment volume N (from 0) of 4-D T1w files (default: refuse a 4-D file with "
+        "several volumes); recorded in the sidecars",
     )
     sel.add_argument(
         "--skip-bids-validation",
@@ -233,6 +241,7 @@ def make_settings(args: argparse.Namespace, env: Mapping[str, str]) -> BIDSAppSe
         container=container_info(env),
         template=template,
         template_note=template_note,
+        t1w_volume=args.t1w_volume,
     )
 
 

@@ -42,6 +42,13 @@ def positive_int(value: str) -> int:
     return n
 
 
+def non_negative_int(value: str) -> int:
+    n = int(value)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return n
+
+
 def setup_logging(verbosity: int) -> None:
     """Log to stderr; -v for info, -vv for debug."""
     level = logging.WARNING - 10 * min(verbosity, 2)

@@ -26,6 +26,7 @@ from ..bids import (
     validate_dataset,
     write_dataset_files,
 )
+from ..io import write_bytes_atomic
 from ..settings import GRAPH_PLUGINS, BIDSAppSettings, ModelInfo
 from .common import (
     EXIT_CANT_CREATE,
@@ -153,9 +154,21 @@ def _plan(
     return todo, known
 
 
-def _collect_crashes(crash_dir: Path, images: dict[str, Path], logs: Path) -> dict[Path, Path]:
-    """Move nipype's crash files to ``logs/``, named after their image; source -> crash file."""
-    found: dict[Path, Path] = {}
+@dataclass(frozen=True)
+class Crash:
+    """One image's first crash: its reason, and its copy in ``logs/`` (None if not written)."""
+
+    reason: str
+    file: Path | None
+
+
+def _collect_crashes(crash_dir: Path, images: dict[str, Path], logs: Path) -> dict[Path, Crash]:
+    """Move nipype's crash files to ``logs/``, named after their image; source -> first crash.
+
+    A crash file that cannot be written to ``logs/`` (a full disk) is said, not fatal: the
+    reason still reaches the summary.
+    """
+    found: dict[Path, Crash] = {}
     if not crash_dir.is_dir():
         return found
     for crash in sorted(crash_dir.glob("crash-*.txt")):
@@ -166,26 +179,28 @@ def _collect_crashes(crash_dir: Path, images: dict[str, Path], logs: Path) -> di
         if wf is None:
             continue
         source = images[wf]
-        logs.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(crash.stat().st_mtime))
         target = logs / crash_log_name(source, parts[-1], stamp)
         n = 1
         while target.exists():
             n += 1
             target = logs / crash_log_name(source, f"{parts[-1]}{n}", stamp)
-        shutil.copyfile(crash, target)
+        try:
+            logs.mkdir(parents=True, exist_ok=True)
+            write_bytes_atomic(target, text.encode("utf-8"))
+        except OSError as exc:
+            _say(f"{target}: crash file not written ({exc.strerror or exc})")
+            written = None
+        else:
+            written = target
         crash.unlink()
-        found.setdefault(source, target)
+        found.setdefault(source, Crash(_reason(text), written))
     return found
 
 
-def _reason(crash_file: Path | None) -> str:
+def _reason(text: str) -> str:
     """The exception line of a crash file's traceback."""
-    if crash_file is None:
-        return "did not complete (see the log)"
-    lines = [
-        ln.strip() for ln in crash_file.read_text(errors="replace").splitlines() if ln.strip()
-    ]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     for line in reversed(lines):
         if ":" in line and not line.startswith(("File ", "^", "~")):
             name, _, message = line.partition(":")
@@ -311,6 +326,7 @@ def run_participant(settings: BIDSAppSettings, env: Mapping[str, str]) -> int:
         models={key: info.provenance() for key, info in models.items()},
         template=settings.template.name if settings.template else None,
         precision=_precision_label(settings),
+        t1w_volume=settings.t1w_volume,
     )
     todo, outcomes = _plan(t1w_files, settings, provenance)
     try:
@@ -336,8 +352,9 @@ def run_participant(settings: BIDSAppSettings, env: Mapping[str, str]) -> int:
         if outputs_current(source, settings.output_dir, provenance):
             outcomes.append(Outcome(source, "processed"))
         elif source in crashes:
-            reason = _reason(crashes[source]).removeprefix(f"{source}: ")
-            outcomes.append(Outcome(source, "failed", reason, crashes[source]))
+            crash = crashes[source]
+            reason = crash.reason.removeprefix(f"{source}: ")
+            outcomes.append(Outcome(source, "failed", reason, crash.file))
         elif settings.stop_on_first_crash and crashes:
             outcomes.append(Outcome(source, "failed", "not run: stopped at the first failure"))
         else:

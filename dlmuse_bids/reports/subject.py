@@ -164,11 +164,14 @@ def _section(source: Path, output_dir: Path, bids_dir: Path, *, draw: bool) -> s
         return f"{title}<p class=flag>This image {what}.</p><ul>{links}</ul>"
     paths = output_paths(source, output_dir)
     figure = figure_paths(source, output_dir)["mosaic"]
+    sidecar = json.loads(paths["dseg_json"].read_text(encoding="utf-8"))
     if draw or not figure.is_file() or figure.stat().st_mtime < paths["dseg"].stat().st_mtime:
         figure.parent.mkdir(parents=True, exist_ok=True)
-        mosaic(nib.load(source), nib.load(paths["dseg"]), nib.load(paths["mask"]), figure)
+        t1w = nib.load(source)
+        if len(t1w.shape) == 4:  # the volume that was segmented (single-volume or chosen)
+            t1w = t1w.slicer[..., (sidecar.get("SourceGeometry") or {}).get("Volume", 0)]
+        mosaic(t1w, nib.load(paths["dseg"]), nib.load(paths["mask"]), figure)
     qc = _read_row(paths["qc"])
-    sidecar = json.loads(paths["dseg_json"].read_text(encoding="utf-8"))
     outputs = [p for p in paths.values() if p.is_file()]
     links = "".join(
         f"<li><a href='{relative_url(p, output_dir)}'>{escape(p.name)}</a></li>" for p in outputs

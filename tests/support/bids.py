@@ -50,7 +50,8 @@ def make_dataset(
         json.dumps({"Name": "dlmuse-bids test", "BIDSVersion": "1.10.0", "Authors": ["a", "b"]})
     )
     (root / "README").write_text("Test dataset built from public scans.\n")
-    written = [write_scan(root, rel, scan) for rel, scan in files or STANDARD_T1W]
+    chosen = STANDARD_T1W if files is None else files
+    written = [write_scan(root, rel, scan) for rel, scan in chosen]
     subjects = sorted({p.relative_to(root).parts[0] for p in written})
     if participants:
         rows = ["participant_id\tage\tsex"] + [
@@ -58,3 +59,27 @@ def make_dataset(
         ]
         (root / "participants.tsv").write_text("\n".join(rows) + "\n")
     return root
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Every entry under ``root`` (itself included) -> a digest of what it is and holds.
+
+    Files by sha256 of their bytes and their mode, symlinks by target (followed or not), folders
+    by mode; compare two calls to prove that a run wrote nothing into ``root``.
+    """
+    import hashlib
+    import os
+
+    digest = {}
+    for path in [root, *sorted(root.rglob("*"))]:
+        key = path.relative_to(root).as_posix()
+        st = path.lstat()
+        if path.is_symlink():
+            digest[key] = f"link -> {os.readlink(path)}"
+        elif path.is_dir():
+            digest[key] = f"dir {st.st_mode:o}"
+        else:
+            with open(path, "rb") as f:  # not Path.read_bytes, which tests may patch
+                content = hashlib.file_digest(f, "sha256").hexdigest()
+            digest[key] = f"file {st.st_mode:o} {content}"
+    return digest
