@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -451,7 +452,7 @@ def write_dataset_files(
 def _create_once(path: Path, payload: bytes) -> None:
     if path.exists():
         return
-    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"  # per writer
     write_bytes_atomic(tmp, payload)
     try:
         os.link(tmp, path)  # fails if another job got there first; then theirs stands
