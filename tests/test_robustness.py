@@ -8,6 +8,7 @@ was.
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import shutil
@@ -23,10 +24,9 @@ import pandas as pd
 import pytest
 
 from dlmuse_bids.bids import output_paths
-from dlmuse_bids.cli.bids_app import main
 from dlmuse_bids.cli.common import EXIT_SOME_FAILED
 from tests.conftest import needs_shared
-from tests.support.bids import STANDARD_T1W, make_dataset, tree_digest, write_scan
+from tests.support.bids import STANDARD_T1W, make_dataset, run_app, tree_digest, write_scan
 from tests.test_io import REFUSED
 
 pytestmark = needs_shared
@@ -49,14 +49,6 @@ BAD = {
     "broken": "broken-symlink",
 }
 UNREADABLE = "unread"
-
-
-def run_app(bids_dir: Path, out: Path, *extra: str, models: Path, level="participant") -> int:
-    """``dlmuse-bids`` in this process; the input dataset must come out unchanged."""
-    before = tree_digest(bids_dir)
-    code = main([str(bids_dir), str(out), level, "--model-dir", str(models), *extra], env={})
-    assert tree_digest(bids_dir) == before, f"{bids_dir} was modified"
-    return code
 
 
 def _place_bad_input(raw: Path, label: str, case: str, scratch: Path) -> Path:
@@ -92,12 +84,9 @@ def refused_run(tiny_models, tmp_path_factory):
             return read_bytes(self)
 
         mp.setattr(Path, "read_bytes", denied)
-        with pytest.MonkeyPatch.context() as capture:
-            import io
-
-            err = io.StringIO()
-            capture.setattr(sys, "stderr", err)
-            code = run_app(raw, out, *FAST, "--nipype-plugin", "Linear", models=tiny_models)
+        err = io.StringIO()  # capsys is per test; this run is shared by the module
+        mp.setattr(sys, "stderr", err)
+        code = run_app(raw, out, *FAST, "--nipype-plugin", "Linear", models=tiny_models)
     group = run_app(raw, out, models=tiny_models, level="group")
     return {
         "raw": raw,

@@ -232,9 +232,13 @@ def _write_run_outputs(result, row: dict, outputs: tuple[Path, Path, Path]) -> N
 
 
 def _first_failed_write(writes: list[tuple[Path, Future]], out_dir: Path) -> str | None:
-    """The error line of the first finished write that failed (OSError), if any."""
-    for path, future in writes:
-        exc = future.exception() if future.done() else None
+    """The error line of the first finished write that failed (OSError), if any.
+
+    Finished writes are removed from ``writes``, so each is looked at once.
+    """
+    for path, future in [w for w in writes if w[1].done()]:
+        writes.remove((path, future))
+        exc = future.exception()
         if isinstance(exc, OSError):
             return f"dlmuse: {out_dir}: cannot write outputs of {path} ({exc.strerror or exc})"
         if exc is not None:
@@ -297,16 +301,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
         ThreadPoolExecutor(1, thread_name_prefix="dlmuse-read") as reader,
         ThreadPoolExecutor(1, thread_name_prefix="dlmuse-write") as writer,
     ):
-        reads = [reader.submit(load_t1w, compute[0])] if compute else []
+        image = reader.submit(load_t1w, compute[0]) if compute else None
         writes: list[tuple[Path, Future]] = []
         for i, path in enumerate(compute):
-            image = reads[i]
+            # only the current and the next image are held, however many there are
+            current = image
             if i + 1 < len(compute):
-                reads.append(reader.submit(load_t1w, compute[i + 1]))
+                image = reader.submit(load_t1w, compute[i + 1])
             mrid = subject_id(path)
             start = time.perf_counter()
             try:
-                result = pipeline.run(image.result())
+                result = pipeline.run(current.result())
             except InputImageError as exc:
                 outcomes.append(_Outcome(path, mrid, False, str(exc)))
                 print(f"dlmuse: {exc}", file=sys.stderr)

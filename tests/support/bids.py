@@ -61,6 +61,18 @@ def make_dataset(
     return root
 
 
+def run_app(bids_dir, out, *extra, models, level="participant", env=None) -> int:
+    """``dlmuse-bids`` in this process; the input dataset must come out byte for byte as it was."""
+    from dlmuse_bids.cli.bids_app import main
+
+    argv = [str(bids_dir), str(out), level, "--model-dir", str(models), *map(str, extra)]
+    before = tree_digest(Path(bids_dir)) if Path(bids_dir).is_dir() else None
+    code = main(argv, env=env or {})
+    if before is not None:
+        assert tree_digest(Path(bids_dir)) == before, f"{bids_dir} was modified"
+    return code
+
+
 def tree_digest(root: Path) -> dict[str, str]:
     """Every entry under ``root`` (itself included) -> a digest of what it is and holds.
 
