@@ -6,6 +6,7 @@ name is made by string surgery on another name.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .io import write_bytes_atomic
+from .io import leftover_temporaries, write_bytes_atomic
 from .labels import dseg_table
 
 logger = logging.getLogger(__name__)
@@ -288,6 +289,21 @@ def report_path(output_dir: Path, subject: str) -> Path:
 def output_paths(source: Path, output_dir: Path) -> dict[str, Path]:
     """The files one T1w produces, by :data:`OUTPUTS` key."""
     return {key: Path(output_dir) / derivative_path(source, **ent) for key, ent in OUTPUTS.items()}
+
+
+def remove_leftovers(source: Path, output_dir: Path) -> list[Path]:
+    """Remove the hidden temporaries a killed run left beside ``source``'s outputs; the removed.
+
+    Call it only for an image this run is about to segment (see
+    :func:`dlmuse_bids.io.leftover_temporaries`).
+    """
+    removed = []
+    for final in output_paths(source, output_dir).values():
+        for tmp in leftover_temporaries(final):
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
 
 
 def _file_stem(source: Path) -> str:

@@ -8,6 +8,7 @@ straight into a log, a report or a BIDS App's exit summary.
 from __future__ import annotations
 
 import contextlib
+import glob
 import gzip
 import logging
 import os
@@ -435,8 +436,25 @@ def write_bytes_atomic(path: str | os.PathLike[str], payload: bytes) -> None:
     _write_atomic(Path(path), payload)
 
 
+def _temporary_name(final: Path, token: str) -> str:
+    return f".{final.name[:64]}.{token}.tmp"
+
+
+def leftover_temporaries(final: str | os.PathLike[str]) -> list[Path]:
+    """The hidden temporaries of ``final`` that a killed writer left behind.
+
+    Only a writer of ``final`` itself may remove them (a job re-running the image): another
+    process writing ``final`` at the same moment would lose its file.
+    """
+    final = Path(final)
+    if not final.parent.is_dir():
+        return []
+    pattern = glob.escape(_temporary_name(final, "")[:-4]) + "?" * 12 + ".tmp"
+    return sorted(final.parent.glob(pattern))
+
+
 def _write_atomic(final: Path, payload: bytes) -> None:
-    tmp = final.parent / f".{final.name[:64]}.{secrets.token_hex(6)}.tmp"
+    tmp = final.parent / _temporary_name(final, secrets.token_hex(6))
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         try:

@@ -37,6 +37,8 @@ NIPYPE_PLUGINS = (
 )
 #: Plugins that submit the whole graph to a scheduler and return before it has run.
 GRAPH_PLUGINS = ("SLURMGraph", "SGEGraph", "PBSGraph", "CondorDAGMan")
+#: Plugins that submit each node as an ``sbatch`` job (each gets the node's resource request).
+SLURM_PLUGINS = ("SLURM", "SLURMGraph")
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
@@ -29,6 +30,8 @@ from .template import TemplateFiles
 #: Peak memory of one full-width network node per input voxel, measured by
 #: benchmarks/time_pipeline.py (4.2 GiB for a 176x238x169 scan, models included), with margin.
 _GIB_PER_VOXEL = 4.5 / (176 * 238 * 169)
+#: Memory any submitted job needs, whatever its node does: Python with nipype and torch loaded.
+_JOB_MEM_FLOOR_GB = 1.0
 #: Nodes whose end means the image's outputs are all written.
 SINK_NODES = ("ds_dseg", "ds_mask", "ds_volumes", "ds_qc")
 #: The sink of the template check's transform (present when a template is available).
@@ -71,6 +74,29 @@ def gpu_scheduling(device: str) -> bool:
 
         return gpu_count() > 0
     return device == "cuda"
+
+
+def slurm_request(node: pe.Node) -> str:
+    """``sbatch`` options asking for what ``node`` declares: its threads, memory and GPU."""
+    mem_mib = math.ceil(max(node.mem_gb, _JOB_MEM_FLOOR_GB) * 1024)
+    request = f"--cpus-per-task={node.n_procs} --mem={mem_mib}M"
+    return request + " --gres=gpu:1" if node.is_gpu_node() else request
+
+
+def request_slurm_resources(workflow: pe.Workflow, sbatch_args: str = "") -> None:
+    """Give each node that nipype's SLURM plugins submit its own :func:`slurm_request`.
+
+    The plugin's ``sbatch_args`` (partition, account, time...) follow the request: sbatch keeps
+    the last of a repeated option, so what the user wrote wins.
+    """
+    for name in workflow.list_node_names():
+        node = workflow.get_node(name)
+        # identity nodes are dropped from the graph nipype executes
+        if not node.run_without_submitting and not isinstance(
+            node.interface, niu.IdentityInterface
+        ):
+            request = f"{slurm_request(node)} {sbatch_args}".strip()
+            node.plugin_args = {"sbatch_args": request, "overwrite": True}
 
 
 def init_dlmuse_wf(
@@ -127,11 +153,14 @@ def init_dlmuse_wf(
         )
         networks[key] = node
     mask_crop = pe.Node(MaskAndCrop(), name="mask_crop", mem_gb=mem_gb / 4)
-    volumes = pe.Node(ROIVolumes(), name="volumes")
-    qc = pe.Node(QCMeasures(), name="qc")
+    # light nodes run in the launching process: a scheduler job each would cost more than them
+    volumes = pe.Node(ROIVolumes(), name="volumes", run_without_submitting=True)
+    qc = pe.Node(QCMeasures(), name="qc", run_without_submitting=True)
     seconds = pe.Node(niu.Merge(2), name="seconds", run_without_submitting=True)
     sidecars = pe.Node(
-        SidecarMetadata(bids_dir=str(bids_dir), provenance=asdict(provenance)), name="sidecars"
+        SidecarMetadata(bids_dir=str(bids_dir), provenance=asdict(provenance)),
+        name="sidecars",
+        run_without_submitting=True,
     )
     sinks = {}
     for node_name, key in zip(SINK_NODES, ("dseg", "mask", "volumes", "qc"), strict=True):

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -256,3 +259,27 @@ def test_crash_log_names_match_their_glob(tmp_path):
     (tmp_path / name).touch()
     assert list(tmp_path.glob(bids.crash_log_glob(source)))
     assert not list(tmp_path.glob(bids.crash_log_glob(Path("sub-01_ses-1_T1w.nii.gz"))))
+
+
+def test_a_killed_writers_temporaries_are_removed_for_its_image_only(tmp_path):
+    out = tmp_path / "out"
+    anat = tmp_path / "raw" / "sub-01" / "anat"
+    source, other = anat / "sub-01_run-1_T1w.nii.gz", anat / "sub-01_run-2_T1w.nii.gz"
+    mine, theirs = (bids.output_paths(s, out)["dseg"] for s in (source, other))
+    mine.parent.mkdir(parents=True)
+    # a writer killed between writing its temporary and renaming it
+    script = (
+        "import os, signal, sys\n"
+        "from dlmuse_bids.io import write_bytes_atomic\n"
+        "os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "write_bytes_atomic(sys.argv[1], b'half')\n"
+    )
+    for path in (mine, theirs):
+        killed = subprocess.run([sys.executable, "-c", script, str(path)], check=False)
+        assert killed.returncode == -signal.SIGKILL
+    assert len(list(mine.parent.glob(".*.tmp"))) == 2
+    removed = bids.remove_leftovers(source, out)
+    assert [p.name.startswith(f".{mine.name}.") for p in removed] == [True]
+    left = list(mine.parent.glob(".*.tmp"))
+    assert len(left) == 1 and left[0].name.startswith(f".{theirs.name}.")
+    assert not mine.exists() and bids.remove_leftovers(source, out) == []

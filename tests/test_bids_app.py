@@ -270,6 +270,32 @@ def test_participant_and_session_labels(tiny_models, tmp_path, capsys):
     assert len(list(out.rglob("sub-01_ses-2_acq-fast_*"))) == 7  # 6 outputs and the figure
 
 
+def test_list_participants_prints_the_selection_and_writes_nothing(
+    dataset, tiny_models, tmp_path, capsys
+):
+    """One label per line for a job array: the filters apply, the output dir is not made."""
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert _run(dataset, out, "--list-participants", models=tiny_models) == 0
+    assert capsys.readouterr().out.splitlines() == ["01", "02", "03"]
+    filt = tmp_path / "filter.json"
+    filt.write_text('{"acquisition": "fast"}')
+    args = ["--list-participants", "--bids-filter-file", str(filt)]
+    assert _run(dataset, out, *args, models=tiny_models) == 0
+    assert capsys.readouterr().out.splitlines() == ["01"]
+    args = ["--list-participants", "--session-label", "2"]
+    assert _run(dataset, out, *args, models=tiny_models) == 0
+    assert capsys.readouterr().out.splitlines() == ["01"]
+    args = ["--list-participants", "--participant-label", "sub-03", "02"]
+    assert _run(dataset, out, *args, models=tiny_models) == 0
+    assert capsys.readouterr().out.splitlines() == ["02", "03"]
+    args = ["--list-participants", "--participant-label", "99"]
+    assert _run(dataset, out, *args, models=tiny_models) == 18
+    captured = capsys.readouterr()
+    assert captured.out == "" and "participant label(s) not found: 99" in captured.err
+    assert not out.exists()
+
+
 def test_template_check_end_to_end(small_dataset, tiny_models, tmp_path, capsys):
     """With a TemplateFlow home the transform is written; the template is part of provenance."""
     env = {"TEMPLATEFLOW_HOME": str(make_templateflow_home(tmp_path / "templateflow"))}

@@ -164,6 +164,7 @@ INVOCATIONS = {
         "session_label": ["1"],
         "bids_filter_file": "/data/filter.json",
         "t1w_volume": 0,
+        "list_participants": False,
         "skip_bids_validation": True,
         "bids_database_dir": "/scratch/pybids",
         "work_dir": "/scratch/work",

@@ -17,7 +17,7 @@ from dlmuse_bids.nnunet.predictor import InferenceOptions
 from dlmuse_bids.pipeline import DLMUSEPipeline
 from dlmuse_bids.settings import InferenceSettings, ModelInfo
 from dlmuse_bids.template import TEMPLATE, find_template, read_itk_affine
-from dlmuse_bids.workflows import init_participant_wf, workflow_name
+from dlmuse_bids.workflows import init_participant_wf, request_slurm_resources, workflow_name
 from tests.conftest import needs_shared
 from tests.support.bids import write_scan
 from tests.support.templates import make_templateflow_home
@@ -103,3 +103,55 @@ def test_workflow_names_are_unique_and_safe(tmp_path):
     }
     assert len(names) == 3
     assert all(n.replace("_", "").isalnum() for n in names)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_slurm_jobs_ask_for_what_their_node_needs(tiny_models, tmp_path, device):
+    """Heavy nodes get their threads, memory (and a GPU) as sbatch options; the user's last."""
+    raw = tmp_path / "raw"
+    source = write_scan(raw, "sub-01/anat/sub-01_T1w.nii.gz", "sub-otsu_T1w.nii.gz", step=1)
+    models = _models(tiny_models)
+    prov = Provenance("test", False, 0.5, {k: v.provenance() for k, v in models.items()})
+    wf = init_participant_wf(
+        t1w_files=[source],
+        bids_dir=tmp_path / "raw",
+        output_dir=tmp_path / "out",
+        models=models,
+        inference=InferenceSettings(device=device, tta=False, threads=3),
+        provenance=prov,
+    )
+    request_slurm_resources(wf, "--partition=short --mem=9G")
+    image = workflow_name(source)
+    args = {}
+    for name in wf.list_node_names():
+        node = wf.get_node(name)
+        if node.run_without_submitting or name.endswith("inputnode"):  # not submitted
+            assert "sbatch_args" not in node.plugin_args, name
+        else:
+            assert node.plugin_args["overwrite"] is True
+            args[name.removeprefix(f"{image}.")] = node.plugin_args["sbatch_args"]
+    assert sorted(args) == ["dlicv", "dlmuse", "mask_crop", "paste", "reorient"]
+    gpu = " --gres=gpu:1" if device == "cuda" else ""
+    network_mib = int(np.ceil(wf.get_node(f"{image}.dlicv").mem_gb * 1024))
+    assert network_mib > 4 * 1024  # a 1 mm whole head: the estimate, not the floor
+    for name in ("dlicv", "dlmuse"):
+        assert args[name] == (
+            f"--cpus-per-task=3 --mem={network_mib}M{gpu} --partition=short --mem=9G"
+        )
+    reorient_mib = int(np.ceil(wf.get_node(f"{image}.reorient").mem_gb * 1024))
+    assert args["reorient"] == (
+        f"--cpus-per-task=1 --mem={reorient_mib}M --partition=short --mem=9G"
+    )
+    # a job never asks for less than Python with torch and nipype needs
+    small = write_scan(raw, "sub-02/anat/sub-02_T1w.nii.gz", "sub-otsu_T1w.nii.gz", step=4)
+    wf = init_participant_wf(
+        t1w_files=[small],
+        bids_dir=tmp_path / "raw",
+        output_dir=tmp_path / "out",
+        models=models,
+        inference=InferenceSettings(device="cpu", tta=False, threads=1),
+        provenance=prov,
+    )
+    request_slurm_resources(wf)
+    node = wf.get_node(f"{workflow_name(small)}.mask_crop")
+    assert node.plugin_args["sbatch_args"] == "--cpus-per-task=1 --mem=1024M"

@@ -89,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
         "several volumes); recorded in the sidecars",
     )
     sel.add_argument(
+        "--list-participants",
+        action="store_true",
+        help="print the labels of the participants with T1w images the options above select, "
+        "one per line, and exit without writing anything (for SLURM job arrays)",
+    )
+    sel.add_argument(
         "--skip-bids-validation",
         "--skip_bids_validation",
         action="store_true",
@@ -289,6 +295,10 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     if not settings.bids_dir.is_dir():
         print(f"dlmuse-bids: {settings.bids_dir}: input dataset not found", file=sys.stderr)
         return EXIT_NO_INPUT
+    if args.list_participants:
+        from .participant import list_participants
+
+        return list_participants(settings)
     problem = unwritable(settings.output_dir)
     if problem:
         print(f"dlmuse-bids: {settings.output_dir}: {problem}", file=sys.stderr)

@@ -7,6 +7,10 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..settings import BIDSAppSettings
 
 # BIDS-Apps / sysexits exit codes
 EXIT_OK = 0
@@ -99,3 +103,13 @@ def speed_settings(args: argparse.Namespace, device: str) -> tuple[str, bool, bo
 
         precision = "auto" if device != "cpu" else ("bf16" if cpu_has_fast_bf16() else "fp32")
     return precision, True, False
+
+
+def selected_t1w(settings: BIDSAppSettings) -> list[Path]:
+    """The T1w images that the selection options pick; raises ``bids.BIDSError``."""
+    from ..bids import collect_t1w, index_layout
+
+    layout = index_layout(settings.bids_dir, settings.participant_labels, settings.database_dir)
+    return collect_t1w(
+        layout, settings.participant_labels, settings.session_labels, settings.bids_filters
+    )

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from ..bids import BIDSError, collect_t1w, index_layout
+from ..bids import BIDSError
 from ..settings import BIDSAppSettings
-from .common import EXIT_CANT_CREATE, EXIT_OK
+from .common import EXIT_CANT_CREATE, EXIT_OK, selected_t1w
 
 
 def run_group(settings: BIDSAppSettings) -> int:
@@ -14,12 +14,7 @@ def run_group(settings: BIDSAppSettings) -> int:
     from ..group import GROUP_DIR, write_group_tables
 
     try:
-        layout = index_layout(
-            settings.bids_dir, settings.participant_labels, settings.database_dir
-        )
-        t1w_files = collect_t1w(
-            layout, settings.participant_labels, settings.session_labels, settings.bids_filters
-        )
+        t1w_files = selected_t1w(settings)
     except BIDSError as exc:
         print(f"dlmuse-bids: {exc}", file=sys.stderr)
         return exc.exit_code

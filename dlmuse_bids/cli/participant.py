@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import logging
 import os
 import shutil
@@ -18,22 +19,22 @@ from ..bids import (
     LOGS_DIR,
     BIDSError,
     Provenance,
-    collect_t1w,
     crash_log_name,
-    index_layout,
     output_paths,
     outputs_current,
+    remove_leftovers,
     validate_dataset,
     write_dataset_files,
 )
 from ..io import write_bytes_atomic
-from ..settings import GRAPH_PLUGINS, BIDSAppSettings, ModelInfo
+from ..settings import GRAPH_PLUGINS, SLURM_PLUGINS, BIDSAppSettings, ModelInfo
 from .common import (
     EXIT_CANT_CREATE,
     EXIT_NO_INPUT,
     EXIT_OK,
     EXIT_SOME_FAILED,
     nipype_log_level,
+    selected_t1w,
 )
 from .models_cmd import ensure_models
 
@@ -228,7 +229,12 @@ def _nipype_config(work_dir: Path, verbosity: int) -> None:
 
 def _run_workflow(todo: list[Path], settings: BIDSAppSettings, models, provenance) -> dict:
     """Build and run the nipype workflow; the crash files it left, by source."""
-    from ..workflows import init_participant_wf, sink_nodes, workflow_name
+    from ..workflows import (
+        init_participant_wf,
+        request_slurm_resources,
+        sink_nodes,
+        workflow_name,
+    )
 
     images = {workflow_name(t): t for t in todo}
     temporary = settings.work_dir is None
@@ -253,6 +259,11 @@ def _run_workflow(todo: list[Path], settings: BIDSAppSettings, models, provenanc
             template_note=settings.template_note,
         )
         wf.base_dir = str(work_dir)
+        if settings.plugin in SLURM_PLUGINS:
+            user_args = str(settings.plugin_args.get("sbatch_args", ""))
+            request_slurm_resources(wf, user_args)
+            # nipype names every job after $LOGNAME, which batch environments may lack
+            os.environ.setdefault("LOGNAME", getpass.getuser())
         wf.config["execution"].update(
             {
                 "crashdump_dir": str(crash_dir),
@@ -271,6 +282,10 @@ def _run_workflow(todo: list[Path], settings: BIDSAppSettings, models, provenanc
             plugin_args.update(
                 n_procs=settings.nprocs, mp_context="forkserver", raise_insufficient=False
             )
+            # nipype sleeps this long after every scheduling pass: its 2 s default idles an
+            # image's chain of nodes for seconds; a local pass costs microseconds (schedulers'
+            # plugins keep the default, each pass asks squeue/qstat about every job)
+            wf.config["execution"]["poll_sleep_duration"] = 0.1
         plugin_args.update(settings.plugin_args)
         try:
             wf.run(plugin=settings.plugin, plugin_args=plugin_args)
@@ -305,12 +320,7 @@ def run_participant(settings: BIDSAppSettings, env: Mapping[str, str]) -> int:
                     f" (+{len(errors) - 5} more)" if len(errors) > 5 else ""
                 )
                 raise BIDSError(f"{settings.bids_dir}: not valid BIDS: {shown}")
-        layout = index_layout(
-            settings.bids_dir, settings.participant_labels, settings.database_dir
-        )
-        t1w_files = collect_t1w(
-            layout, settings.participant_labels, settings.session_labels, settings.bids_filters
-        )
+        t1w_files = selected_t1w(settings)
     except BIDSError as exc:
         _say(str(exc))
         return exc.exit_code
@@ -339,6 +349,9 @@ def run_participant(settings: BIDSAppSettings, env: Mapping[str, str]) -> int:
     for outcome in outcomes:
         if outcome.status == "failed":
             _say(outcome.message)
+    for source in todo:
+        for path in remove_leftovers(source, settings.output_dir):
+            logger.info("removed %s, left by an interrupted run", path)
     logger.info("%d T1w image(s) to segment, %d already done", len(todo), len(outcomes))
     logger.debug("settings: %s", asdict(settings))
     crashes = _run_workflow(todo, settings, models, provenance) if todo else {}
@@ -361,6 +374,24 @@ def run_participant(settings: BIDSAppSettings, env: Mapping[str, str]) -> int:
             outcomes.append(Outcome(source, "failed", "did not complete (see the log)"))
     _write_reports(t1w_files, settings)
     return _summary(outcomes, time.monotonic() - start)
+
+
+def list_participants(settings: BIDSAppSettings) -> int:
+    """Print the labels of the selected participants that have T1w images, one per line.
+
+    Nothing is validated or written (a job array's launcher runs this on the login node); the
+    pybids index goes to ``--bids-database-dir`` if one is given, as in a run.
+    """
+    from ..bids import source_entities
+
+    try:
+        t1w_files = selected_t1w(settings)
+    except BIDSError as exc:
+        _say(str(exc))
+        return exc.exit_code
+    for label in sorted({source_entities(t)["subject"] for t in t1w_files}):
+        print(label)
+    return EXIT_OK
 
 
 def _precision_label(settings: BIDSAppSettings) -> str:

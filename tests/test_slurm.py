@@ -1,0 +1,287 @@
+"""``dlmuse-bids`` on a real one-node SLURM cluster: job arrays and nipype's SLURM plugin.
+
+``tools/slurm-cluster`` starts munged, slurmctld and slurmd on this machine (the Debian packages
+slurm-wlm and munge, which ``.ci/run`` installs). A small dataset of three T1w images goes through
+the README's array script (``tools/slurm-array.sbatch``) and through ``--nipype-plugin SLURM``;
+both must give what a local run gives, image for image. Where the packages are missing the tests
+skip, except in CI (``CI`` set), where they fail; a cluster that does not start fails with its
+daemons' logs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from dlmuse_bids.bids import output_paths
+from tests.conftest import needs_shared
+from tests.support.bids import STANDARD_T1W, make_dataset, tree_digest
+
+pytestmark = needs_shared
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER = REPO / "tools" / "slurm-cluster"
+ARRAY_SCRIPT = REPO / "tools" / "slurm-array.sbatch"
+FAST = ["--no-tta", "--device", "cpu", "--skip-bids-validation"]
+LABELS = ("01", "02", "03")
+THREE = [
+    (f"sub-{label}/anat/sub-{label}_T1w.nii.gz", scan)
+    for label, (_, scan) in zip(LABELS, STANDARD_T1W[1:4], strict=True)
+]
+#: What one array task may use on the 2-core test node (the script asks for more by default).
+TASK = ["--cpus-per-task=1", "--mem=1G"]
+#: Nodes that the SLURM plugin submits as jobs; the light ones run in the launcher.
+SUBMITTED = ("reorient", "dlicv", "mask_crop", "dlmuse", "paste")
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """A running test cluster: its folder and the environment its clients need."""
+
+    root: Path
+    env: dict[str, str]
+
+    def run(self, *cmd, cwd: Path | None = None, check: bool = True) -> str:
+        done = subprocess.run(
+            [str(c) for c in cmd], env=self.env, cwd=cwd, capture_output=True, text=True
+        )
+        if check and done.returncode:
+            raise AssertionError(f"{cmd[0]} failed ({done.returncode}): {done.stderr}")
+        return done.stdout
+
+    def jobs(self) -> dict[str, dict[str, str]]:
+        """Every job slurmctld still knows (finished ones for 10 minutes), by job id."""
+        out = self.run("squeue", "--states=all", "--noheader", "--format=%A|%i|%j|%T")
+        jobs = {}
+        for line in out.splitlines():
+            job_id, name_id, name, state = line.strip().split("|")
+            jobs[job_id] = {"id": name_id, "name": name, "state": state}
+        return jobs
+
+    def details(self, job_id: str) -> str:
+        return self.run("scontrol", "--oneliner", "show", "job", job_id)
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"----- {p}\n{p.read_text(errors='replace')[-4000:]}"
+            for p in sorted((self.root / "log").glob("*"))
+        )
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    if shutil.which("slurmctld") is None or shutil.which("munged") is None:
+        message = "slurm-wlm and munge are not installed (apt-get install slurm-wlm munge)"
+        if os.environ.get("CI"):
+            pytest.fail(f"{message}; .ci/run installs them")
+        pytest.skip(message)
+    root = tmp_path_factory.mktemp("slurm")
+    started = subprocess.run([str(CLUSTER), "start", str(root)], capture_output=True, text=True)
+    if started.returncode:
+        subprocess.run([str(CLUSTER), "stop", str(root)], check=False)
+        pytest.fail(f"the SLURM test cluster did not start:\n{started.stderr}")
+    env = {
+        **os.environ,
+        "SLURM_CONF": str(root / "slurm.conf"),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        # no template: the template check is not what runs on the cluster here
+        "TEMPLATEFLOW_HOME": str(tmp_path_factory.mktemp("no-templateflow")),
+    }
+    yield Cluster(root, env)
+    subprocess.run([str(CLUSTER), "stop", str(root)], check=False)
+    pids = [root / "slurmctld.pid", root / "slurmd.pid", root / "munge" / "munged.pid"]
+    assert not [p for p in pids if p.exists()], "the cluster did not stop"
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    raw = make_dataset(tmp_path_factory.mktemp("raw") / "ds", THREE)
+    return raw, tree_digest(raw)
+
+
+def _app(raw: Path, out: Path, models: Path, *extra) -> list[str]:
+    exe = Path(sys.executable).with_name("dlmuse-bids")
+    if not exe.exists():
+        pytest.skip(f"{exe} not installed (pip install -e .)")
+    return [str(exe), str(raw), str(out), "participant", "--model-dir", str(models), *extra]
+
+
+@pytest.fixture(scope="module")
+def local_out(cluster, dataset, tiny_models, tmp_path_factory):
+    """The same dataset segmented on this machine, with the cluster runs' environment."""
+    raw, _ = dataset
+    out = tmp_path_factory.mktemp("local") / "out"
+    done = subprocess.run(
+        _app(raw, out, tiny_models, *FAST), env=cluster.env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+@pytest.fixture
+def labels_file(cluster, dataset, tiny_models, tmp_path) -> Path:
+    """``--list-participants`` into a file, as the README tells users to make it."""
+    raw, _ = dataset
+    out = tmp_path / "not-written"
+    listed = subprocess.run(
+        _app(raw, out, tiny_models, "--list-participants"),
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.splitlines() == list(LABELS)
+    assert not out.exists(), "listing the participants wrote the output dir"
+    path = tmp_path / "labels.txt"
+    path.write_text(listed.stdout)
+    return path
+
+
+def _outputs(out: Path) -> dict[str, Path]:
+    """Every image output and dataset file by relative path (reports and logs aside)."""
+    return {
+        p.relative_to(out).as_posix(): p
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and p.suffix != ".html" and "logs" not in p.relative_to(out).parts
+    }
+
+
+def _without_run_facts(meta: dict) -> dict:
+    """A sidecar less what differs between any two runs (timings)."""
+    return {k: v for k, v in meta.items() if k != "InferenceSeconds"}
+
+
+def assert_same_outputs(expected: Path, actual: Path) -> None:
+    """The same files; label maps equal voxel for voxel on the same grid; tables equal."""
+    want, got = _outputs(expected), _outputs(actual)
+    assert sorted(got) == sorted(want)
+    for rel, path in want.items():
+        other = got[rel]
+        if rel.endswith(".nii.gz"):
+            a, b = nib.load(path), nib.load(other)
+            assert np.array_equal(a.affine, b.affine), rel
+            assert np.array_equal(np.asanyarray(a.dataobj), np.asanyarray(b.dataobj)), rel
+        elif rel.endswith(".json") and rel != "dataset_description.json":
+            a, b = (json.loads(p.read_text()) for p in (path, other))
+            assert _without_run_facts(a) == _without_run_facts(b), rel
+        elif rel.endswith(".tsv"):
+            assert path.read_text() == other.read_text(), rel
+
+
+def _sbatch(cluster: Cluster, cwd: Path, *args) -> str:
+    """Submit; the job id (with ``--wait``, once the job has ended)."""
+    return cluster.run("sbatch", "--parsable", *args, cwd=cwd).strip().split(";")[0]
+
+
+def _array_args(raw: Path, out: Path, labels: Path, models: Path, *extra) -> list:
+    return [ARRAY_SCRIPT, raw, out, labels, "--model-dir", models, *FAST, *extra]
+
+
+def _tasks(cluster: Cluster, array_id: str) -> dict[str, dict[str, str]]:
+    """The tasks of an array job by task index, each with its own job id."""
+    return {
+        job["id"].partition("_")[2]: {**job, "job_id": job_id}
+        for job_id, job in cluster.jobs().items()
+        if job["id"].startswith(f"{array_id}_")
+    }
+
+
+def test_array_job_gives_the_local_outputs(
+    cluster, dataset, local_out, labels_file, tiny_models, tmp_path
+):
+    raw, digest = dataset
+    out = tmp_path / "out"
+    array_id = _sbatch(
+        cluster, tmp_path, "--wait", "--array=0-2", *TASK,
+        *_array_args(raw, out, labels_file, tiny_models),
+    )  # fmt: skip
+    tasks = _tasks(cluster, array_id)
+    assert sorted(tasks) == ["0", "1", "2"], cluster.jobs()
+    assert {t["state"] for t in tasks.values()} == {"COMPLETED"}
+    assert len({t["job_id"] for t in tasks.values()}) == 3, "tasks did not run as separate jobs"
+    for index, label in enumerate(LABELS):
+        log = (tmp_path / f"dlmuse-bids-{array_id}_{index}.log").read_text()
+        assert f"participant(s) {label}" in log
+        assert "1 processed, 0 skipped (outputs up to date), 0 failed" in log, log
+    assert_same_outputs(local_out, out)
+    assert tree_digest(raw) == digest
+
+
+def test_nipype_slurm_plugin_submits_each_heavy_node(
+    cluster, dataset, local_out, tiny_models, tmp_path
+):
+    raw, digest = dataset
+    out = tmp_path / "out"
+    before = set(cluster.jobs())
+    plugin_args = {"sbatch_args": "--time=30"}
+    cmd = _app(
+        raw, out, tiny_models, *FAST, "--omp-nthreads", "1", "-w", tmp_path / "work",
+        "--nipype-plugin", "SLURM", "--nipype-plugin-args", json.dumps(plugin_args),
+    )  # fmt: skip
+    done = subprocess.run(cmd, env=cluster.env, capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr + cluster.logs()
+    assert "3 processed, 0 skipped (outputs up to date), 0 failed" in done.stderr
+    jobs = {k: v for k, v in cluster.jobs().items() if k not in before}
+    names = sorted(job["name"] for job in jobs.values())
+    # nipype names a job <node>.<image workflow>.<workflow>.<user>
+    expected = sorted(
+        f"{node}.t1w_sub_{label}_T1w_wf.dlmuse_bids_wf.{cluster.env.get('LOGNAME', 'root')}"
+        for node in SUBMITTED
+        for label in LABELS
+    )
+    assert [n.rsplit(".", 1)[0] for n in names] == [n.rsplit(".", 1)[0] for n in expected]
+    assert {job["state"] for job in jobs.values()} == {"COMPLETED"}
+    dlicv = next(k for k, v in jobs.items() if v["name"].startswith("dlicv.t1w_sub_01"))
+    details = cluster.details(dlicv)
+    # the node's own request (1 thread, its memory), then the user's sbatch_args
+    assert "NumCPUs=1 " in details and "TimeLimit=00:30:00" in details, details
+    assert "MinMemoryNode=1G" in details, details
+    assert_same_outputs(local_out, out)
+    assert tree_digest(raw) == digest
+
+
+def _wait_for(condition, what: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def test_a_cancelled_task_is_completed_by_rerunning_it_alone(
+    cluster, dataset, local_out, labels_file, tiny_models, tmp_path
+):
+    raw, digest = dataset
+    out = tmp_path / "out"
+    args = _array_args(raw, out, labels_file, tiny_models, "-vv")  # nipype names each node
+    array_id = _sbatch(cluster, tmp_path, "--array=0-2", *TASK, *args)
+    log = tmp_path / f"dlmuse-bids-{array_id}_1.log"
+
+    def networks_started() -> bool:
+        return log.is_file() and 'Executing "dlicv"' in log.read_text(errors="replace")
+
+    _wait_for(networks_started, "task 1 to start its networks")
+    cluster.run("scancel", f"{array_id}_1")
+    _wait_for(lambda: not cluster.run("squeue", "--noheader", "-j", array_id), "the array's end")
+    states = {index: task["state"] for index, task in _tasks(cluster, array_id).items()}
+    assert states == {"0": "COMPLETED", "1": "CANCELLED", "2": "COMPLETED"}, log.read_text()
+    cancelled = raw / THREE[1][0]
+    assert not output_paths(cancelled, out)["dseg"].exists(), "task 1 finished before scancel"
+
+    rerun = _sbatch(cluster, tmp_path, "--wait", "--array=1", *TASK, *args)
+    rerun_log = (tmp_path / f"dlmuse-bids-{rerun}_1.log").read_text()
+    assert "1 processed, 0 skipped (outputs up to date), 0 failed" in rerun_log, rerun_log
+    assert_same_outputs(local_out, out)
+    hidden = [p for p in out.rglob(".*") if p.name not in (".bidsignore",)]
+    assert not hidden, f"left behind: {hidden}"
+    assert tree_digest(raw) == digest
