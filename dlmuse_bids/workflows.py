@@ -83,18 +83,20 @@ def slurm_request(node: pe.Node) -> str:
     return request + " --gres=gpu:1" if node.is_gpu_node() else request
 
 
-def request_slurm_resources(workflow: pe.Workflow, sbatch_args: str = "") -> None:
+def request_slurm_resources(
+    workflow: pe.Workflow, sbatch_args: str = "", every_node: bool = False
+) -> None:
     """Give each node that nipype's SLURM plugins submit its own :func:`slurm_request`.
 
     The plugin's ``sbatch_args`` (partition, account, time...) follow the request: sbatch keeps
-    the last of a repeated option, so what the user wrote wins.
+    the last of a repeated option, so what the user wrote wins. ``SLURM`` runs the light nodes
+    in the launcher; ``SLURMGraph`` submits ``every_node``.
     """
     for name in workflow.list_node_names():
         node = workflow.get_node(name)
-        # identity nodes are dropped from the graph nipype executes
-        if not node.run_without_submitting and not isinstance(
-            node.interface, niu.IdentityInterface
-        ):
+        if isinstance(node.interface, niu.IdentityInterface):
+            continue  # dropped from the graph nipype executes
+        if every_node or not node.run_without_submitting:
             request = f"{slurm_request(node)} {sbatch_args}".strip()
             node.plugin_args = {"sbatch_args": request, "overwrite": True}
 

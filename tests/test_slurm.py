@@ -21,9 +21,11 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import pytest
 
 from dlmuse_bids.bids import output_paths
+from dlmuse_bids.workflows import SINK_NODES
 from tests.conftest import needs_shared
 from tests.support.bids import STANDARD_T1W, make_dataset, tree_digest
 
@@ -147,13 +149,16 @@ def labels_file(cluster, dataset, tiny_models, tmp_path) -> Path:
     return path
 
 
-def _outputs(out: Path) -> dict[str, Path]:
-    """Every image output and dataset file by relative path (reports and logs aside)."""
-    return {
-        p.relative_to(out).as_posix(): p
-        for p in sorted(out.rglob("*"))
-        if p.is_file() and p.suffix != ".html" and "logs" not in p.relative_to(out).parts
-    }
+def _outputs(out: Path, subjects=LABELS) -> dict[str, Path]:
+    """The dataset files and every output of ``subjects`` by relative path (no reports, logs)."""
+    found = {}
+    for path in sorted(out.rglob("*")):
+        parts = path.relative_to(out).parts
+        if not path.is_file() or path.suffix == ".html" or parts[0] == "logs":
+            continue
+        if len(parts) == 1 or parts[0] in {f"sub-{s}" for s in subjects}:
+            found["/".join(parts)] = path
+    return found
 
 
 def _without_run_facts(meta: dict) -> dict:
@@ -161,9 +166,9 @@ def _without_run_facts(meta: dict) -> dict:
     return {k: v for k, v in meta.items() if k != "InferenceSeconds"}
 
 
-def assert_same_outputs(expected: Path, actual: Path) -> None:
+def assert_same_outputs(expected: Path, actual: Path, subjects=LABELS) -> None:
     """The same files; label maps equal voxel for voxel on the same grid; tables equal."""
-    want, got = _outputs(expected), _outputs(actual)
+    want, got = _outputs(expected, subjects), _outputs(actual)
     assert sorted(got) == sorted(want)
     for rel, path in want.items():
         other = got[rel]
@@ -214,6 +219,14 @@ def test_array_job_gives_the_local_outputs(
         assert f"participant(s) {label}" in log
         assert "1 processed, 0 skipped (outputs up to date), 0 failed" in log, log
     assert_same_outputs(local_out, out)
+    # then the group level, from the finished outputs
+    cmd = [*_app(raw, out, tiny_models)[:3], "group"]
+    group = subprocess.run(cmd, env=cluster.env, capture_output=True, text=True)
+    assert group.returncode == 0, group.stderr
+    table = pd.read_csv(out / "group" / "dlmuse_volumes.tsv", sep="\t")
+    assert dict(zip(table["participant_id"], table["status"], strict=True)) == {
+        f"sub-{label}": "ok" for label in LABELS
+    }
     assert tree_digest(raw) == digest
 
 
@@ -284,4 +297,32 @@ def test_a_cancelled_task_is_completed_by_rerunning_it_alone(
     assert_same_outputs(local_out, out)
     hidden = [p for p in out.rglob(".*") if p.name not in (".bidsignore",)]
     assert not hidden, f"left behind: {hidden}"
+    assert tree_digest(raw) == digest
+
+
+def test_slurmgraph_submits_the_whole_graph_and_a_rerun_checks_it(
+    cluster, dataset, local_out, tiny_models, tmp_path
+):
+    """One image (its 13 steps are 13 jobs, each a new Python process): a shorter test."""
+    raw, digest = dataset
+    out = tmp_path / "out"
+    before = set(cluster.jobs())
+    cmd = _app(
+        raw, out, tiny_models, *FAST, "--omp-nthreads", "1", "-w", tmp_path / "work",
+        "--participant-label", LABELS[0], "--nipype-plugin", "SLURMGraph",
+        "--nipype-plugin-args", json.dumps({"sbatch_args": "--time=30"}),
+    )  # fmt: skip
+    submitted = subprocess.run(cmd, env=cluster.env, capture_output=True, text=True, cwd=tmp_path)
+    assert submitted.returncode == 0, submitted.stderr
+    assert "1 image(s) submitted with SLURMGraph" in submitted.stderr
+    _wait_for(lambda: not cluster.run("squeue", "--noheader"), "the submitted graph", 600)
+    jobs = {k: v for k, v in cluster.jobs().items() if k not in before}
+    # every step of every image is a job, chained by dependencies: all ran, none failed
+    steps = (*SUBMITTED, "volumes", "qc", "seconds", "sidecars", *SINK_NODES)
+    assert sorted(job["name"].split("_", 1)[1] for job in jobs.values()) == sorted(steps)
+    assert {job["state"] for job in jobs.values()} == {"COMPLETED"}, cluster.logs()
+    checked = subprocess.run(cmd, env=cluster.env, capture_output=True, text=True, cwd=tmp_path)
+    assert checked.returncode == 0, checked.stderr
+    assert "0 processed, 1 skipped (outputs up to date), 0 failed" in checked.stderr
+    assert_same_outputs(local_out, out, subjects=LABELS[:1])
     assert tree_digest(raw) == digest

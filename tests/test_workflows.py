@@ -155,3 +155,8 @@ def test_slurm_jobs_ask_for_what_their_node_needs(tiny_models, tmp_path, device)
     request_slurm_resources(wf)
     node = wf.get_node(f"{workflow_name(small)}.mask_crop")
     assert node.plugin_args["sbatch_args"] == "--cpus-per-task=1 --mem=1024M"
+    assert not wf.get_node(f"{workflow_name(small)}.volumes").plugin_args
+    # SLURMGraph submits every node, the light ones too
+    request_slurm_resources(wf, every_node=True)
+    node = wf.get_node(f"{workflow_name(small)}.volumes")
+    assert node.plugin_args["sbatch_args"] == "--cpus-per-task=1 --mem=1024M"

@@ -261,7 +261,7 @@ def _run_workflow(todo: list[Path], settings: BIDSAppSettings, models, provenanc
         wf.base_dir = str(work_dir)
         if settings.plugin in SLURM_PLUGINS:
             user_args = str(settings.plugin_args.get("sbatch_args", ""))
-            request_slurm_resources(wf, user_args)
+            request_slurm_resources(wf, user_args, every_node=settings.plugin in GRAPH_PLUGINS)
             # nipype names every job after $LOGNAME, which batch environments may lack
             os.environ.setdefault("LOGNAME", getpass.getuser())
         wf.config["execution"].update(
