@@ -124,9 +124,7 @@ def _compare_predict(
 def test_dlicv_088mm_head_with_mirroring(narrow_models, chris_block, tmp_path):
     model = narrow_models / DLICV_DATASET / TRAINED_MODEL_SUBDIR
     assert (
-        _compare_predict(
-            model, T1W / "sub-chris_T1w.nii.gz", tmp_path, name="DLICV sub-chris 0.88mm TTA"
-        )
+        _compare_predict(model, chris_block, tmp_path, name="DLICV sub-chris 0.88mm TTA")
         >= MIN_AGREEMENT
     )
 

@@ -224,13 +224,14 @@ def test_guided_dlicv_on_real_scan(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_run_nichart_on_real_scan(tmp_path: Path) -> None:
+def test_run_nichart_on_real_scan(tiny_models: Path, tmp_path: Path) -> None:
+    """The helper runs the reference pipeline and finds its outputs (tiny models: the 2 mm
+    scan needs no resampling; test_equivalence.py compares its labels with ours)."""
     if not nichart_available():
         pytest.skip("NiChart_DLMUSE, DLICV and DLMUSE are not installed beside this Python")
     scan = _require(NICHART_SCAN)
-    models = build_models_dir(tmp_path / "models")
     start = time.perf_counter()
-    out = run_nichart(models, [scan], tmp_path / "work", disable_tta=True)
+    out = run_nichart(tiny_models, [scan], tmp_path / "work", disable_tta=True)
     elapsed = time.perf_counter() - start
     name = "nichart-Subj1_T1w_2mm"
     labels = nib.load(out / f"{name}_DLMUSE.nii.gz")
