@@ -326,3 +326,37 @@ def test_slurmgraph_submits_the_whole_graph_and_a_rerun_checks_it(
     assert "0 processed, 1 skipped (outputs up to date), 0 failed" in checked.stderr
     assert_same_outputs(local_out, out, subjects=LABELS[:1])
     assert tree_digest(raw) == digest
+
+
+@pytest.mark.parametrize(
+    ("task", "per_task", "expected"),
+    [
+        ("0", "1", "--participant-label 01 --nprocs 3 --no-tta"),
+        ("2", "1", "--participant-label 03 --nprocs 3 --no-tta"),
+        ("1", "2", "--participant-label 03 --nprocs 3 --no-tta"),
+        ("0", "2", "--participant-label 01 02 --nprocs 3 --no-tta"),
+        ("3", "1", None),  # the array is larger than the list: nothing to do
+    ],
+)
+def test_array_script_maps_task_ids_to_labels(tmp_path, task, per_task, expected):
+    """The script alone (no cluster): which labels each task gets, in chunks too."""
+    labels = tmp_path / "labels.txt"
+    labels.write_text("01\n02\n03\n")
+    env = {
+        **os.environ,
+        "SLURM_ARRAY_TASK_ID": task,
+        "SLURM_CPUS_PER_TASK": "3",
+        "DLMUSE_LABELS_PER_TASK": per_task,
+        "DLMUSE_BIDS": "echo dlmuse-bids",
+    }
+    cmd = ["bash", str(ARRAY_SCRIPT), "/in", "/out", str(labels), "--no-tta"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    if expected is None:
+        assert done.stdout == "" and "array larger than the list" in done.stderr
+    else:
+        assert done.stdout == f"dlmuse-bids /in /out participant {expected}\n"
+    missing = subprocess.run(
+        [*cmd[:4], str(tmp_path / "none.txt")], env=env, capture_output=True, text=True
+    )
+    assert missing.returncode == 66 and "none.txt: cannot read" in missing.stderr
