@@ -289,3 +289,37 @@ def test_full_disk_stops_with_a_clear_error(tiny_models, head_file, tmp_path, mo
         "sub-01_T1w_DLMUSE.nii.gz",
         "sub-01_T1w_DLMUSE_Volumes.csv",
     ]
+
+
+def test_third_party_environment_gives_a_home_where_none_resolves(monkeypatch):
+    """A container run as a uid with no passwd entry and no HOME: pybids' import needs one."""
+    import os
+    from pathlib import Path
+
+    from dlmuse_bids.cli.common import third_party_environment
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.delenv("NIPYPE_NO_ET", raising=False)
+    monkeypatch.setattr(Path, "home", staticmethod(no_home))
+    with third_party_environment():
+        home = Path(os.environ["HOME"])
+        assert home.is_dir() and not any(home.iterdir())
+        assert os.environ["NIPYPE_NO_ET"] == "1"
+    assert "HOME" not in os.environ and "NIPYPE_NO_ET" not in os.environ
+    assert not home.exists()
+
+
+def test_third_party_environment_keeps_a_working_home(monkeypatch, tmp_path):
+    import os
+
+    from dlmuse_bids.cli.common import third_party_environment
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NIPYPE_NO_ET", "0")
+    with third_party_environment():
+        assert os.environ["HOME"] == str(tmp_path)
+        assert os.environ["NIPYPE_NO_ET"] == "0"
+    assert os.environ["HOME"] == str(tmp_path)

@@ -33,6 +33,7 @@ from .common import (
     non_negative_int,
     positive_int,
     speed_settings,
+    third_party_environment,
     unwritable,
 )
 from .common import setup_logging as common_setup_logging
@@ -273,9 +274,11 @@ def setup_logging(verbosity: int) -> None:
 
 def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
     """Entry point of ``dlmuse-bids``; returns the exit code."""
-    env = os.environ if env is None else env
-    # nipype asks a web service for news at import time; never from a compute node
-    os.environ.setdefault("NIPYPE_NO_ET", "1")
+    with third_party_environment():
+        return _main(argv, os.environ if env is None else env)
+
+
+def _main(argv: Sequence[str] | None, env: Mapping[str, str]) -> int:
     args = build_parser().parse_args(argv)
     if args.analysis_level not in ANALYSIS_LEVELS:
         print(

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import shutil
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -60,6 +64,37 @@ def setup_logging(verbosity: int) -> None:
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     logging.getLogger("dlmuse_bids").setLevel(level)  # also when the root was set up already
+
+
+@contextlib.contextmanager
+def third_party_environment() -> Iterator[None]:
+    """Set what third-party libraries need in ``os.environ`` for one command; restore it after.
+
+    * ``HOME``, when ``~`` cannot be resolved: pybids looks up ``~/.pybids`` when imported, and
+      ``Path.home()`` raises where HOME is unset and the uid has no passwd entry (a container run
+      as an arbitrary uid with a cleaned environment). They get an empty temporary home.
+    * ``NIPYPE_NO_ET=1``: nipype asks a web service for news when imported; never from a node.
+
+    The one place in the package that writes ``os.environ``; the command lines run inside it.
+    """
+    saved = {key: os.environ.get(key) for key in ("HOME", "NIPYPE_NO_ET")}
+    home = None
+    try:
+        Path.home()
+    except (RuntimeError, KeyError):
+        home = tempfile.mkdtemp(prefix="dlmuse-home-")
+        os.environ["HOME"] = home
+    os.environ.setdefault("NIPYPE_NO_ET", "1")
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        if home is not None:
+            shutil.rmtree(home, ignore_errors=True)
 
 
 def nipype_log_level(verbosity: int) -> str:

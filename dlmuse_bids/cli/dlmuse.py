@@ -30,6 +30,7 @@ from .common import (
     positive_int,
     setup_logging,
     speed_settings,
+    third_party_environment,
     unwritable,
 )
 from .models_cmd import add_models_parser, ensure_models, run_models
@@ -362,8 +363,9 @@ def dlmuse_main(argv: Sequence[str] | None = None) -> int:
     parser = build_dlmuse_parser()
     args = parser.parse_args(argv)
     setup_logging(getattr(args, "verbose", 0))
-    if args.command == "predict":
-        return _cmd_predict(args)
-    if args.command == "models":
-        return run_models(args)
-    return _cmd_run(args)
+    with third_party_environment():
+        if args.command == "predict":
+            return _cmd_predict(args)
+        if args.command == "models":
+            return run_models(args)
+        return _cmd_run(args)

@@ -23,7 +23,7 @@ def offline_reason(flag: bool, env: Mapping[str, str]) -> str | None:
         if env.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
             return f"{var}={env[var]}"
     if container_info(env) is not None:
-        return "running in a container image (its models are built in)"
+        return "running in the container image"
     return None
 
 
@@ -145,6 +145,20 @@ def run_models(args: argparse.Namespace, env: Mapping[str, str] | None = None) -
     return EXIT_OK
 
 
+def _mount_hint(env: Mapping[str, str]) -> str:
+    """In the container image: how to give it weights it was built without."""
+    from ..settings import container_info
+
+    if container_info(env) is None or not env.get("DLMUSE_MODEL_DIR"):
+        return ""
+    where = env["DLMUSE_MODEL_DIR"]
+    return (
+        f" This image has no weights at {where}: mount a folder holding both model folders "
+        f"there (docker run -v /path/to/models:{where}:ro ..., "
+        f"singularity run -B /path/to/models:{where} ...)."
+    )
+
+
 def ensure_models(model_dir: Path | None, offline: bool, env: Mapping[str, str]) -> list[Path]:
     """Model search directories holding both models, fetching them first when allowed.
 
@@ -171,7 +185,7 @@ def ensure_models(model_dir: Path | None, offline: bool, env: Mapping[str, str])
         raise missing
     reason = offline_reason(offline, env)
     if reason:
-        raise ModelNotFoundError(f"{missing} Not downloading them: {reason}.")
+        raise ModelNotFoundError(f"{missing} Not downloading them: {reason}.{_mount_hint(env)}")
     try:
         fetch(fetch_destination(env), env)
     except (FetchError, OSError) as exc:
