@@ -74,3 +74,64 @@ def head_file(tmp_path) -> Path:
     path.parent.mkdir()
     nib.save(synthetic_head(), path)
     return path
+
+
+def _engine_unavailable(why: str):
+    """Skip a container test with the reason; under CI=true it must run, so fail instead."""
+    import os
+
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"container tests must run in CI: {why}")
+    pytest.skip(why)
+
+
+#: the fixtures of the tests that run the built image
+CONTAINER_FIXTURES = {"container_engine", "app_image"}
+IMAGE_BUILDER = pytest.StashKey()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(session, config, items):
+    """Run the container tests last, and prepare their engine and image meanwhile."""
+    uses = [item for item in items if CONTAINER_FIXTURES & set(getattr(item, "fixturenames", ()))]
+    if not uses or not DATA_DIR.is_dir():
+        return
+    chosen = set(uses)
+    items[:] = [item for item in items if item not in chosen] + uses
+    import tempfile
+
+    from tests.support.containers import ImageBuilder
+
+    builder = ImageBuilder(Path(tempfile.mkdtemp(prefix="dlmuse-image-tests-")))
+    builder.start()
+    config.stash[IMAGE_BUILDER] = builder
+    config.add_cleanup(builder.stop)
+
+
+def _prepared(request):
+    """The engine, image and template home made by the builder, or skip/fail saying why."""
+    from tests.support.containers import EngineUnavailableError
+
+    if not DATA_DIR.is_dir():
+        pytest.skip(f"shared data not found at {DATA_DIR}")
+    builder = request.config.stash.get(IMAGE_BUILDER, None)
+    if builder is None:
+        pytest.skip("no container test was collected")
+    try:
+        return builder.wait()
+    except EngineUnavailableError as exc:
+        _engine_unavailable(str(exc))
+
+
+@pytest.fixture(scope="session")
+def container_engine(request):
+    """A private dockerd for this test session, with the base image made locally if needed."""
+    return _prepared(request)[0]
+
+
+@pytest.fixture(scope="session")
+def app_image(request):
+    """The app's image built from this checkout once per session (CPU torch, no weights, the
+    test template, Colin27 standing in for MNI152NLin2009cAsym, baked in) and that template."""
+    _, built, templates = _prepared(request)
+    return built, templates

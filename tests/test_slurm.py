@@ -19,8 +19,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import pandas as pd
 import pytest
 
@@ -28,6 +26,7 @@ from dlmuse_bids.bids import output_paths
 from dlmuse_bids.workflows import SINK_NODES
 from tests.conftest import needs_shared
 from tests.support.bids import STANDARD_T1W, make_dataset, tree_digest
+from tests.support.outputs import assert_same_outputs
 
 pytestmark = needs_shared
 
@@ -149,40 +148,6 @@ def labels_file(cluster, dataset, tiny_models, tmp_path) -> Path:
     return path
 
 
-def _outputs(out: Path, subjects=LABELS) -> dict[str, Path]:
-    """The dataset files and every output of ``subjects`` by relative path (no reports, logs)."""
-    found = {}
-    for path in sorted(out.rglob("*")):
-        parts = path.relative_to(out).parts
-        if not path.is_file() or path.suffix == ".html" or parts[0] == "logs":
-            continue
-        if len(parts) == 1 or parts[0] in {f"sub-{s}" for s in subjects}:
-            found["/".join(parts)] = path
-    return found
-
-
-def _without_run_facts(meta: dict) -> dict:
-    """A sidecar less what differs between any two runs (timings)."""
-    return {k: v for k, v in meta.items() if k != "InferenceSeconds"}
-
-
-def assert_same_outputs(expected: Path, actual: Path, subjects=LABELS) -> None:
-    """The same files; label maps equal voxel for voxel on the same grid; tables equal."""
-    want, got = _outputs(expected, subjects), _outputs(actual)
-    assert sorted(got) == sorted(want)
-    for rel, path in want.items():
-        other = got[rel]
-        if rel.endswith(".nii.gz"):
-            a, b = nib.load(path), nib.load(other)
-            assert np.array_equal(a.affine, b.affine), rel
-            assert np.array_equal(np.asanyarray(a.dataobj), np.asanyarray(b.dataobj)), rel
-        elif rel.endswith(".json") and rel != "dataset_description.json":
-            a, b = (json.loads(p.read_text()) for p in (path, other))
-            assert _without_run_facts(a) == _without_run_facts(b), rel
-        elif rel.endswith(".tsv"):
-            assert path.read_text() == other.read_text(), rel
-
-
 def _sbatch(cluster: Cluster, cwd: Path, *args) -> str:
     """Submit; the job id (with ``--wait``, once the job has ended)."""
     return cluster.run("sbatch", "--parsable", *args, cwd=cwd).strip().split(";")[0]
@@ -218,7 +183,7 @@ def test_array_job_gives_the_local_outputs(
         log = (tmp_path / f"dlmuse-bids-{array_id}_{index}.log").read_text()
         assert f"participant(s) {label}" in log
         assert "1 processed, 0 skipped (outputs up to date), 0 failed" in log, log
-    assert_same_outputs(local_out, out)
+    assert_same_outputs(local_out, out, LABELS)
     # then the group level, from the finished outputs
     cmd = [*_app(raw, out, tiny_models)[:3], "group"]
     group = subprocess.run(cmd, env=cluster.env, capture_output=True, text=True)
@@ -260,7 +225,7 @@ def test_nipype_slurm_plugin_submits_each_heavy_node(
     # the node's own request (1 thread, its memory), then the user's sbatch_args
     assert "NumCPUs=1 " in details and "TimeLimit=00:30:00" in details, details
     assert "MinMemoryNode=1G" in details, details
-    assert_same_outputs(local_out, out)
+    assert_same_outputs(local_out, out, LABELS)
     assert tree_digest(raw) == digest
 
 
@@ -295,7 +260,7 @@ def test_a_cancelled_task_is_completed_by_rerunning_it_alone(
     rerun = _sbatch(cluster, tmp_path, "--wait", "--array=1", *TASK, *args)
     rerun_log = (tmp_path / f"dlmuse-bids-{rerun}_1.log").read_text()
     assert "1 processed, 0 skipped (outputs up to date), 0 failed" in rerun_log, rerun_log
-    assert_same_outputs(local_out, out)
+    assert_same_outputs(local_out, out, LABELS)
     hidden = [p for p in out.rglob(".*") if p.name not in (".bidsignore",)]
     assert not hidden, f"left behind: {hidden}"
     assert tree_digest(raw) == digest
