@@ -195,11 +195,11 @@ def _collect_crashes(crash_dir: Path, images: dict[str, Path], logs: Path) -> di
         else:
             written = target
         crash.unlink()
-        found.setdefault(source, Crash(_reason(text), written))
+        found.setdefault(source, Crash(crash_reason(text), written))
     return found
 
 
-def _reason(text: str) -> str:
+def crash_reason(text: str) -> str:
     """The exception line of a crash file's traceback."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     for line in reversed(lines):
