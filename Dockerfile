@@ -75,8 +75,8 @@ RUN --mount=type=bind,target=/ctx \
     mkdir -p /opt/templateflow; \
     if [ -d /ctx/templateflow ]; then cp -R /ctx/templateflow/. /opt/templateflow/; fi; \
     case "${FETCH_TEMPLATE}" in \
-        1) python -c "import sys; from pathlib import Path; from dlmuse_bids.template import find_template, fetch_template; \
-home = Path('/opt/templateflow'); files, why = find_template(home); print(files or fetch_template(home))" ;; \
+        1) python -c "import os; from pathlib import Path; from dlmuse_bids.template import find_template, fetch_template; \
+home = Path('/opt/templateflow'); files, why = find_template(home); print(files or fetch_template(home, os.environ))" ;; \
         0) echo "FETCH_TEMPLATE=0: the template check is skipped unless the context provided it" ;; \
         *) echo "FETCH_TEMPLATE must be 0 or 1, not '${FETCH_TEMPLATE}'" >&2; exit 64 ;; \
     esac

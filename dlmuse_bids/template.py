@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,12 +89,15 @@ def find_template(
 
 
 def fetch_template(
-    home: Path, name: str = TEMPLATE, resolution: int = TEMPLATE_RESOLUTION
+    home: Path,
+    env: Mapping[str, str],
+    name: str = TEMPLATE,
+    resolution: int = TEMPLATE_RESOLUTION,
 ) -> TemplateFiles:
     """Download the template's files into a TemplateFlow home (for container builds).
 
     TemplateFlow reads ``TEMPLATEFLOW_HOME`` when it is first imported, so this runs it in a
-    child process with that variable set, leaving this process's environment alone.
+    child process with ``env`` (the caller's environment: proxies, CA bundle) and that variable.
     """
     import subprocess
     import sys
@@ -104,8 +107,10 @@ def fetch_template(
         "[api.get(sys.argv[1], resolution=int(sys.argv[2]), suffix=s, desc=d) "
         "for s, d in (('T1w', None), ('mask', 'brain'))]"
     )
-    env = {**os.environ, "TEMPLATEFLOW_HOME": str(home)}
-    subprocess.run([sys.executable, "-c", script, name, str(resolution)], env=env, check=True)
+    child_env = {**env, "TEMPLATEFLOW_HOME": str(home)}
+    subprocess.run(
+        [sys.executable, "-c", script, name, str(resolution)], env=child_env, check=True
+    )
     files, why = find_template(home, name, resolution)
     if files is None:
         raise RuntimeError(f"TemplateFlow did not provide the template: {why}")

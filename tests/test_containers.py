@@ -230,7 +230,7 @@ def test_the_template_is_fetched_at_build_time_where_the_app_looks(stages, image
     index, run = _the_run_step(stages, "fetch_template")
     home = templateflow_home(image_env)
     assert f"home = Path('{home}')" in run["value"]
-    assert "fetch_template(home)" in run["value"]
+    assert "fetch_template(home, os.environ)" in run["value"]
     if index != len(stages) - 1:
         copies = [item["value"].split() for item in _instructions(stages[-1], "COPY")]
         assert any(str(home) in words[1:-1] for words in copies), f"{home} not copied"

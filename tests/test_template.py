@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import nibabel as nib
 import numpy as np
@@ -54,7 +55,7 @@ def test_fetch_template_keeps_files_already_there(tmp_path):
     """TemplateFlow (in a child process) finds the files present and downloads nothing."""
     home = make_templateflow_home(tmp_path / "tf")
     before = {p: p.stat().st_mtime_ns for p in home.rglob("*.nii.gz")}
-    files = template.fetch_template(home)
+    files = template.fetch_template(home, os.environ)
     assert files.t1w in before and files.mask in before
     assert {p: p.stat().st_mtime_ns for p in before} == before
 

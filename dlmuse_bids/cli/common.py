@@ -9,7 +9,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -67,24 +67,10 @@ def setup_logging(verbosity: int) -> None:
 
 
 @contextlib.contextmanager
-def third_party_environment() -> Iterator[None]:
-    """Set what third-party libraries need in ``os.environ`` for one command; restore it after.
-
-    * ``HOME``, when ``~`` cannot be resolved: pybids looks up ``~/.pybids`` when imported, and
-      ``Path.home()`` raises where HOME is unset and the uid has no passwd entry (a container run
-      as an arbitrary uid with a cleaned environment). They get an empty temporary home.
-    * ``NIPYPE_NO_ET=1``: nipype asks a web service for news when imported; never from a node.
-
-    The one place in the package that writes ``os.environ``; the command lines run inside it.
-    """
-    saved = {key: os.environ.get(key) for key in ("HOME", "NIPYPE_NO_ET")}
-    home = None
-    try:
-        Path.home()
-    except (RuntimeError, KeyError):
-        home = tempfile.mkdtemp(prefix="dlmuse-home-")
-        os.environ["HOME"] = home
-    os.environ.setdefault("NIPYPE_NO_ET", "1")
+def patched_environ(values: Mapping[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``values`` set for the time of the block, then as it was."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
     try:
         yield
     finally:
@@ -93,8 +79,36 @@ def third_party_environment() -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        if home is not None:
-            shutil.rmtree(home, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def third_party_environment() -> Iterator[None]:
+    """Set what third-party libraries read from ``os.environ`` for one command; restore it after.
+
+    * ``HOME``, when ``~`` cannot be resolved: pybids looks up ``~/.pybids`` when imported, and
+      ``Path.home()`` raises where HOME is unset and the uid has no passwd entry (a container run
+      as an arbitrary uid with a cleaned environment). They get an empty temporary home.
+    * ``MPLCONFIGDIR``, when unset: matplotlib would keep its font cache in the home directory,
+      which a container may not let us write; it gets a temporary folder.
+    * ``NIPYPE_NO_ET=1``: nipype asks a web service for news when imported; never from a node.
+
+    With :func:`patched_environ`, the only code in the package that writes ``os.environ``; the
+    command lines run inside it. Temporary folders are removed afterwards.
+    """
+    values, made = {"NIPYPE_NO_ET": os.environ.get("NIPYPE_NO_ET", "1")}, []
+    try:
+        Path.home()
+    except (RuntimeError, KeyError):
+        made.append(("HOME", tempfile.mkdtemp(prefix="dlmuse-home-")))
+    if not os.environ.get("MPLCONFIGDIR"):
+        made.append(("MPLCONFIGDIR", tempfile.mkdtemp(prefix="dlmuse-matplotlib-")))
+    values.update(made)
+    try:
+        with patched_environ(values):
+            yield
+    finally:
+        for _, folder in made:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def nipype_log_level(verbosity: int) -> str:

@@ -34,6 +34,7 @@ from .common import (
     EXIT_OK,
     EXIT_SOME_FAILED,
     nipype_log_level,
+    patched_environ,
     selected_t1w,
 )
 from .models_cmd import ensure_models
@@ -210,8 +211,8 @@ def crash_reason(text: str) -> str:
     return lines[-1] if lines else "failed"
 
 
-def _nipype_config(work_dir: Path, verbosity: int) -> None:
-    """Point nipype (and the worker processes it starts) at a config with our log levels.
+def _nipype_config(work_dir: Path, verbosity: int) -> Path:
+    """A nipype config with our log levels; its folder, for ``NIPYPE_CONFIG_DIR``.
 
     Workers import nipype afresh and read ``$NIPYPE_CONFIG_DIR/nipype.cfg``; without this they
     would log every node at INFO whatever ``-v`` says.
@@ -224,7 +225,7 @@ def _nipype_config(work_dir: Path, verbosity: int) -> None:
         f"workflow_level = {level}\ninterface_level = {level}\nutils_level = {level}\n"
         "[execution]\ncheck_version = false\n"
     )
-    os.environ["NIPYPE_CONFIG_DIR"] = str(config_dir)
+    return config_dir
 
 
 def _run_workflow(todo: list[Path], settings: BIDSAppSettings, models, provenance) -> dict:
@@ -242,7 +243,8 @@ def _run_workflow(todo: list[Path], settings: BIDSAppSettings, models, provenanc
         Path(tempfile.mkdtemp(prefix="dlmuse-bids-work-")) if temporary else settings.work_dir
     )
     work_dir.mkdir(parents=True, exist_ok=True)
-    _nipype_config(work_dir, settings.verbosity)
+    # workers (and SLURM jobs) started during wf.run inherit these; the launcher gets its own back
+    environ = {"NIPYPE_CONFIG_DIR": str(_nipype_config(work_dir, settings.verbosity))}
     if settings.plugin in GRAPH_PLUGINS:  # jobs crash after we return: nipype's names, in logs/
         crash_dir = settings.output_dir / LOGS_DIR
     else:
@@ -263,7 +265,7 @@ def _run_workflow(todo: list[Path], settings: BIDSAppSettings, models, provenanc
             user_args = str(settings.plugin_args.get("sbatch_args", ""))
             request_slurm_resources(wf, user_args, every_node=settings.plugin in GRAPH_PLUGINS)
             # nipype names every job after $LOGNAME, which batch environments may lack
-            os.environ.setdefault("LOGNAME", getpass.getuser())
+            environ["LOGNAME"] = os.environ.get("LOGNAME") or getpass.getuser()
         wf.config["execution"].update(
             {
                 "crashdump_dir": str(crash_dir),
@@ -288,7 +290,8 @@ def _run_workflow(todo: list[Path], settings: BIDSAppSettings, models, provenanc
             wf.config["execution"]["poll_sleep_duration"] = 0.1
         plugin_args.update(settings.plugin_args)
         try:
-            wf.run(plugin=settings.plugin, plugin_args=plugin_args)
+            with patched_environ(environ):
+                wf.run(plugin=settings.plugin, plugin_args=plugin_args)
         except RuntimeError as exc:  # nipype: "Workflow did not execute cleanly"
             logger.info("workflow reported failures: %s", str(exc).splitlines()[0])
         if settings.plugin in GRAPH_PLUGINS:

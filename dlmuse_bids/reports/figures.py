@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,12 +20,9 @@ _PLANES = (("axial", 2), ("coronal", 1), ("sagittal", 0))
 def _pyplot():
     """pyplot on the Agg backend, whatever MPLBACKEND says (reports are drawn headless).
 
-    Without ``MPLCONFIGDIR``, matplotlib would keep its font cache in the home directory; the app
-    must not write there (containers run with a read-only or foreign HOME), so it gets a private
-    temporary folder, set before matplotlib is first imported.
+    matplotlib's cache folder (``MPLCONFIGDIR``) is the command line's business:
+    :func:`dlmuse_bids.cli.common.third_party_environment`.
     """
-    if "matplotlib" not in sys.modules and not os.environ.get("MPLCONFIGDIR"):
-        os.environ["MPLCONFIGDIR"] = tempfile.mkdtemp(prefix="dlmuse-matplotlib-")
     import matplotlib
 
     matplotlib.use("Agg", force=True)
