@@ -61,20 +61,22 @@ def _block(name: str, box: tuple[slice, ...], dest: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def dep01_block(tmp_path_factory) -> Path:
-    """The skull-stripped 0.868x0.868x1 mm scan around the brain (resampled by both engines)."""
+    """The skull-stripped 0.868x0.868x1 mm scan around the brain (resampled by both engines);
+    95 mm high, so one DLMUSE tile in z (two in y, where the sliding window blends)."""
     return _block(
         "sub-dep01_T1w.nii.gz",
-        (slice(90, 200), slice(80, 210), slice(50, 150)),
+        (slice(90, 200), slice(80, 210), slice(52, 147)),
         tmp_path_factory.mktemp("dep01"),
     )
 
 
 @pytest.fixture(scope="module")
 def chris_block(tmp_path_factory) -> Path:
-    """Most of the 0.88 mm head with skull (resampled by both engines)."""
+    """Most of the 0.88 mm head with skull (resampled by both engines); 106 mm high, so one
+    DLICV tile in z (two in y, where the sliding window blends)."""
     return _block(
         "sub-chris_T1w.nii.gz",
-        (slice(0, 170), slice(30, 230), slice(20, 170)),
+        (slice(0, 170), slice(30, 230), slice(40, 160)),
         tmp_path_factory.mktemp("chris"),
     )
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import time
 from pathlib import Path
 
 import nibabel as nib
@@ -30,12 +29,11 @@ from tests.support.paths import (
     DLMUSE_PLANS_SOURCE,
     TRAINED_MODEL_SUBDIR,
 )
-from tests.support.reference import nichart_available, nnunet_predict, run_nichart
+from tests.support.reference import nnunet_predict
 
 SOURCES = {"dlicv": DLICV_PLANS_SOURCE, "dlmuse": DLMUSE_PLANS_SOURCE}
 # Sizes of the official fold_0/checkpoint_final.pth files (../shared/models/README.md).
 OFFICIAL_CHECKPOINT_BYTES = {"dlicv": 246_584_635, "dlmuse": 137_665_621}
-NICHART_SCAN = DATA_DIR / "dlmuse_labels" / "nichart-Subj1_T1w_2mm.nii.gz"
 REAL_T1W = DATA_DIR / "t1w" / "sub-otsu_T1w.nii.gz"
 
 
@@ -221,25 +219,3 @@ def test_guided_dlicv_on_real_scan(tmp_path: Path) -> None:
     largest = np.bincount(labelled.ravel())[1:].max()
     assert 0.02 < mask.mean() < 0.6
     assert largest > 200_000
-
-
-@pytest.mark.slow
-def test_run_nichart_on_real_scan(tiny_models: Path, tmp_path: Path) -> None:
-    """The helper runs the reference pipeline and finds its outputs (tiny models: the 2 mm
-    scan needs no resampling; test_equivalence.py compares its labels with ours)."""
-    if not nichart_available():
-        pytest.skip("NiChart_DLMUSE, DLICV and DLMUSE are not installed beside this Python")
-    scan = _require(NICHART_SCAN)
-    start = time.perf_counter()
-    out = run_nichart(tiny_models, [scan], tmp_path / "work", disable_tta=True)
-    elapsed = time.perf_counter() - start
-    name = "nichart-Subj1_T1w_2mm"
-    labels = nib.load(out / f"{name}_DLMUSE.nii.gz")
-    assert labels.shape == nib.load(scan).shape
-    assert np.allclose(labels.affine, nib.load(scan).affine, atol=1e-4)
-    icv = np.asarray(
-        nib.load(out / "temp_working_dir" / "s2_dlicv" / f"{name}_DLICV.nii.gz").dataobj
-    )
-    assert icv.any()
-    assert (out / "DLMUSE_Volumes.csv").read_text().count("\n") >= 2
-    print(f"run_nichart took {elapsed:.0f} s")
