@@ -19,10 +19,10 @@ from dlmuse_bids.cli.brainlife import ConfigError, main, read_config
 from dlmuse_bids.labels import ICV_ID, dseg_table
 from tests.conftest import needs_shared
 from tests.support.bids import tree_digest, write_scan
+from tests.support.containers import IMAGE_MODELS, users_folder, world_readable
 
 ROOT = Path(__file__).resolve().parents[1]
 MAIN = ROOT / "main"
-IMAGE_MODELS = "/opt/dlmuse/models"
 
 
 def _config(task: Path, **config) -> Path:
@@ -177,11 +177,10 @@ def test_main_runs_the_image_as_brainlife_calls_it(
     """``main`` in a fresh task folder, its container command pointed at the local image."""
     models = tmp_path / "models"
     shutil.copytree(tiny_models, models)
-    for path in [brainlife_input, *brainlife_input.rglob("*"), models, *models.rglob("*")]:
-        path.chmod(path.stat().st_mode | (0o555 if path.is_dir() else 0o444))
-    task = brainlife_input / "image-task"
+    world_readable(brainlife_input)
+    world_readable(models)
+    task = users_folder(brainlife_input / "image-task", 4321, 4321)
     _config(task, **BRAINLIFE_CONFIG)
-    os.chown(task, 4321, 4321)
     shutil.copy(MAIN, task / "main")  # brainlife copies the App's repository into the task
     before = tree_digest(brainlife_input / "5f1a")
     run = (

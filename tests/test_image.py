@@ -22,13 +22,13 @@ import pytest
 from dlmuse_bids import __version__
 from tests.conftest import needs_shared
 from tests.support.bids import STANDARD_T1W, make_dataset, tree_digest
+from tests.support.containers import IMAGE_MODELS, users_folder, world_readable
 from tests.support.outputs import assert_same_outputs
 from tests.test_containers import read_definition
 
 pytestmark = needs_shared
 
 ROOT = Path(__file__).resolve().parents[1]
-IMAGE_MODELS = "/opt/dlmuse/models"
 #: two subjects, one with two sessions
 IMAGES = [STANDARD_T1W[0], STANDARD_T1W[2], STANDARD_T1W[3]]
 FAST = ["--no-tta", "--device", "cpu", "--nprocs", "2"]
@@ -36,20 +36,6 @@ FAST = ["--no-tta", "--device", "cpu", "--nprocs", "2"]
 SINGULARITY_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #: a user and group that have no entry in the image's /etc/passwd and /etc/group
 UID, GID = 4321, 8765
-
-
-def world_readable(root: Path) -> Path:
-    """Let any uid in a container read ``root`` (pytest's temporary folders are 0700)."""
-    for path in [root, *root.rglob("*")]:
-        path.chmod(path.stat().st_mode | (0o555 if path.is_dir() else 0o444))
-    return root
-
-
-def users_folder(path: Path, uid: int = UID, gid: int = GID) -> Path:
-    """An empty folder owned by ``uid:gid``, as a user's own output folder would be."""
-    path.mkdir(parents=True)
-    os.chown(path, uid, gid)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +99,7 @@ def docker_out(container_engine, image, dataset, models, tmp_path_factory):
     output folder, the seconds, the logs, and what ``docker diff`` saw of the participant run
     (kept, not ``--rm``, to ask)."""
     raw, _ = dataset
-    out = users_folder(tmp_path_factory.mktemp("docker") / "out")
+    out = users_folder(tmp_path_factory.mktemp("docker") / "out", UID, GID)
     mounts = [(raw, "/data", "ro"), (out, "/out", "rw"), (models, IMAGE_MODELS, "ro")]
     name = f"dlmuse-participant-{os.getpid()}"
     start, logs = time.monotonic(), []
@@ -252,7 +238,7 @@ def test_version(container_engine, image):
     ],
 )
 def test_exit_codes(container_engine, image, dataset, models, tmp_path, args, code, message):
-    out = users_folder(tmp_path / "out")
+    out = users_folder(tmp_path / "out", UID, GID)
     mounts = [(dataset[0], "/data", "ro"), (out, "/out", "rw"), (models, IMAGE_MODELS, "ro")]
     done = docker_run(container_engine, image, *args, mounts=mounts)
     assert done.returncode == code, done.stdout + done.stderr
@@ -260,7 +246,7 @@ def test_exit_codes(container_engine, image, dataset, models, tmp_path, args, co
 
 
 def test_missing_weights_say_what_to_mount(container_engine, image, dataset, tmp_path):
-    out = users_folder(tmp_path / "out")
+    out = users_folder(tmp_path / "out", UID, GID)
     mounts = [(dataset[0], "/data", "ro"), (out, "/out", "rw")]
     done = docker_run(
         container_engine, image, "/data", "/out", "participant", *FAST, mounts=mounts

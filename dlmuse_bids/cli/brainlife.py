@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import re
 import shutil
@@ -30,8 +29,6 @@ from typing import Any
 
 from .. import __version__
 from .common import EXIT_NO_INPUT, EXIT_OK, EXIT_USAGE, third_party_environment
-
-logger = logging.getLogger("dlmuse_bids")
 
 #: config.json options: name -> (type, default)
 OPTIONS: dict[str, tuple[type, Any]] = {
@@ -93,9 +90,10 @@ def _bids_dataset(root: Path, t1: Path, subject: str, session: str | None) -> Pa
     anat.mkdir(parents=True)
     link = anat / f"sub-{subject}{ses}_T1w{ext}"
     link.symlink_to(t1)
-    (root / "dataset_description.json").write_text(
-        json.dumps({"Name": "brainlife input", "BIDSVersion": "1.10.0", "DatasetType": "raw"})
-    )
+    from ..bids import BIDS_VERSION
+
+    description = {"Name": "brainlife input", "BIDSVersion": BIDS_VERSION, "DatasetType": "raw"}
+    (root / "dataset_description.json").write_text(json.dumps(description))
     return link
 
 

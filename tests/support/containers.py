@@ -21,8 +21,24 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 BUILD_IMAGE = REPO / "tools" / "build-image"
 BASE_IMAGE = "debian:bookworm-slim"
+#: where the image looks for its weights (the Dockerfile's DLMUSE_MODEL_DIR)
+IMAGE_MODELS = "/opt/dlmuse/models"
 #: the Debian release that image is made of
 BASE_SUITE = "bookworm"
+
+
+def world_readable(root: Path) -> Path:
+    """Let any uid in a container read ``root`` (pytest's temporary folders are 0700)."""
+    for path in [root, *root.rglob("*")]:
+        path.chmod(path.stat().st_mode | (0o555 if path.is_dir() else 0o444))
+    return root
+
+
+def users_folder(path: Path, uid: int, gid: int) -> Path:
+    """An empty folder owned by ``uid:gid``, as a user's own output folder would be."""
+    path.mkdir(parents=True)
+    os.chown(path, uid, gid)
+    return path
 
 
 class EngineUnavailableError(RuntimeError):
