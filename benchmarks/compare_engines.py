@@ -87,23 +87,20 @@ def run_one(
 
     from dlmuse_bids.io import load_t1w
     from dlmuse_bids.models import find_model, load_trained_model
-    from dlmuse_bids.nnunet.predictor import InferenceOptions
     from dlmuse_bids.pipeline import DLMUSEPipeline
+    from dlmuse_bids.settings import InferenceOptions
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     dirs = [models]
     if engine in ("ours", "ours-fast"):
-        opts = InferenceOptions(device=device, threads=threads, use_mirroring=tta)
+        opts = InferenceOptions(device=device, num_threads=threads, use_mirroring=tta)
         if engine == "ours-fast":  # the --fast preset
-            from dlmuse_bids.nnunet.predictor import cpu_has_fast_bf16
-
-            fast_bf16 = device == "cpu" and cpu_has_fast_bf16()
             opts = InferenceOptions(
                 device=device,
-                threads=threads,
+                num_threads=threads,
                 use_mirroring=False,
-                precision="bf16" if fast_bf16 else "auto",
+                precision="fast",
                 channels_last=True,
             )
         pipe = DLMUSEPipeline(

@@ -29,8 +29,8 @@ sys.path.insert(0, str(REPO))
 
 from dlmuse_bids.io import load_t1w  # noqa: E402
 from dlmuse_bids.models import find_model, load_trained_model  # noqa: E402
-from dlmuse_bids.nnunet.predictor import InferenceOptions  # noqa: E402
 from dlmuse_bids.pipeline import DLMUSEPipeline  # noqa: E402
+from dlmuse_bids.settings import InferenceOptions  # noqa: E402
 from tests.support.paths import DATA_DIR  # noqa: E402
 
 
@@ -61,7 +61,7 @@ def peak_rss_gib() -> float:
 
 
 def run_once(models: Path, scan: Path, tta: bool, threads: int, device: str) -> dict:
-    opts = InferenceOptions(device=device, threads=threads, use_mirroring=tta)
+    opts = InferenceOptions(device=device, num_threads=threads, use_mirroring=tta)
     t0 = time.perf_counter()
     dirs = [models]
     pipe = DLMUSEPipeline(

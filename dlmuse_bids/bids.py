@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .io import leftover_temporaries, write_bytes_atomic
+from .io import leftover_temporaries, nifti_stem, write_bytes_atomic
 from .labels import dseg_table
 
 logger = logging.getLogger(__name__)
@@ -306,18 +306,14 @@ def remove_leftovers(source: Path, output_dir: Path) -> list[Path]:
     return removed
 
 
-def _file_stem(source: Path) -> str:
-    return re.sub(r"\.nii(\.gz)?$", "", Path(source).name)
-
-
 def crash_log_name(source: Path, node: str, stamp: str) -> str:
     """Name of a crash file of ``source`` in ``logs/``: ``crash-<stamp>-<stem>-<node>.txt``."""
-    return f"crash-{stamp}-{_file_stem(source)}-{node}.txt"
+    return f"crash-{stamp}-{nifti_stem(source)}-{node}.txt"
 
 
 def crash_log_glob(source: Path) -> str:
     """Glob matching every crash file of ``source`` (see :func:`crash_log_name`)."""
-    return f"crash-*-{_file_stem(source)}-*.txt"
+    return f"crash-*-{nifti_stem(source)}-*.txt"
 
 
 def bids_uri(path: Path, bids_dir: Path) -> str:

@@ -25,7 +25,16 @@ from urllib.request import Request, urlopen
 
 from . import __version__
 from .io import write_bytes_atomic
-from .models import CHECKPOINT, OFFICIAL_MARKER, OFFICIAL_MODELS, TRAINER_DIR, sha256_file
+from .models import (
+    CHECKPOINT,
+    OFFICIAL_MARKER,
+    OFFICIAL_MODELS,
+    TRAINER_DIR,
+    ModelNotFoundError,
+    find_model,
+    sha256_file,
+)
+from .settings import ModelSources
 
 logger = logging.getLogger(__name__)
 
@@ -251,3 +260,46 @@ def verify_models(dest: Path, files: Sequence[RemoteFile] | None = None) -> list
         if wrong:
             found.append(f"{Path(dest) / item.dest}: {wrong}")
     return found
+
+
+def ensure_models(
+    sources: ModelSources,
+    progress: Progress | None = None,
+    say: Callable[[str], None] | None = None,
+) -> tuple[Path, ...]:
+    """The search directories, once both models are in one of them.
+
+    A missing model is fetched into ``sources.fetch_dir`` first when there is one and nothing
+    forbids it (``sources.offline``); ``say`` gets the user-facing lines (the licence, waiting
+    for another job's fetch).
+
+    Raises
+    ------
+    ModelNotFoundError
+        A model is missing and could not (or may not) be fetched; the message says why.
+    """
+    try:
+        for key in OFFICIAL_MODELS:
+            find_model(key, sources.search_dirs)
+        return sources.search_dirs
+    except ModelNotFoundError as exc:
+        missing = exc
+    if sources.fetch_dir is None:
+        raise missing
+    if sources.offline:
+        raise ModelNotFoundError(
+            f"{missing} Not downloading them: {sources.offline}.{sources.hint}"
+        )
+    dest, say = sources.fetch_dir, say or logger.warning
+    say(f"fetching the DLICV and DLMUSE models into {dest}")
+    say(LICENCE_NOTICE)
+    try:
+        fetch_models(
+            dest,
+            endpoint=sources.endpoint or HF_ENDPOINT,
+            progress=progress,
+            wait_message=lambda: say(f"waiting for another job fetching into {dest}"),
+        )
+    except (FetchError, OSError) as exc:
+        raise ModelNotFoundError(f"{missing} Fetching them failed: {exc}") from exc
+    return sources.search_dirs

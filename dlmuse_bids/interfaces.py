@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -28,49 +29,25 @@ from .bids import Provenance, derivative_path, image_sidecar, write_json_atomic
 from .io import describe_image, load_t1w, make_label_image, save_nifti_atomic, write_bytes_atomic
 from .labels import class_to_muse_lut, roi_volume_table
 from .pipeline import lps_zooms, mask_and_crop, paste_labels, to_native, to_reference_orientation
+from .settings import InferenceOptions
 
 logger = logging.getLogger(__name__)
 
 
 # -- the model cache ----------------------------------------------------------------------------
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``."""
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 @lru_cache(maxsize=4)
-def load_predictor(
-    folder: str,
-    folds: tuple,
-    device: str,
-    tta: bool,
-    step_size: float,
-    threads: int,
-    precision: str = "auto",
-    channels_last: bool = False,
-):
+def load_predictor(folder: str, folds: tuple, options: InferenceOptions):
     """A predictor for a model folder, loaded once per process and then reused.
 
     nipype's MultiProc keeps its worker processes for the whole run, so each worker loads each
     model at most once, whatever the number of images.
     """
     from .models import load_trained_model
-    from .nnunet.predictor import InferenceOptions
 
-    options = InferenceOptions(
-        device=device,
-        threads=threads,
-        tile_step_size=step_size,
-        use_mirroring=tta,
-        precision=precision,
-        channels_last=channels_last,
-    )
     model = load_trained_model(Path(folder), list(folds) or None)
-    logger.info("loaded %s (folds %s, %s) in process %d", folder, model.folds, device, os.getpid())
+    logger.info(
+        "loaded %s (folds %s, %s) in process %d", folder, model.folds, options.device, os.getpid()
+    )
     return model.predictor(options)
 
 
@@ -101,6 +78,7 @@ class _ReorientInputSpec(BaseInterfaceInputSpec):
 
 class _ReorientOutputSpec(TraitedSpec):
     out_file = File(exists=True, desc="the T1w in LPS voxel order, float32")
+    grid_file = File(exists=True, desc="the source's own grid and header (zeros, uint8)")
     zooms = traits.List(traits.Float, desc="voxel sizes (mm) every later step is told")
     orientation = traits.Str(desc="axis codes of the source image, e.g. RAS")
     geometry = traits.Dict(desc="which header affine was used, and why (sidecar field)")
@@ -130,17 +108,6 @@ def source_geometry(img: nib.Nifti1Image) -> dict:
     return geometry
 
 
-def _chosen_volume(source: str, volume) -> int | None:
-    """``volume`` (--t1w-volume) for a source with several volumes; others are used whole."""
-    if not isdefined(volume):
-        return None
-    try:
-        shape = nib.load(source).shape
-    except Exception:  # noqa: BLE001 - load_t1w gives the one-line reason
-        return None
-    return volume if len(shape) == 4 and shape[3] > 1 else None
-
-
 class ReorientToLPS(SimpleInterface):
     """Check and load a T1w (:func:`dlmuse_bids.io.load_t1w`); reorient it to LPS."""
 
@@ -148,12 +115,15 @@ class ReorientToLPS(SimpleInterface):
     output_spec = _ReorientOutputSpec
 
     def _run_interface(self, runtime):
-        img = load_t1w(
-            self.inputs.in_file, volume=_chosen_volume(self.inputs.in_file, self.inputs.volume)
-        )
+        volume = self.inputs.volume if isdefined(self.inputs.volume) else None
+        img = load_t1w(self.inputs.in_file, volume=volume)  # the one read of the source
         lps, _ = to_reference_orientation(img)
         data = np.asarray(lps.dataobj, dtype=np.float32)
-        self._results["out_file"] = _save_like(data, lps, Path(runtime.cwd) / "t1w_lps.nii")
+        cwd = Path(runtime.cwd)
+        self._results["out_file"] = _save_like(data, lps, cwd / "t1w_lps.nii")
+        grid = make_label_image(np.zeros(img.shape, np.uint8), img)
+        save_nifti_atomic(grid, cwd / "native_grid.nii")
+        self._results["grid_file"] = str(cwd / "native_grid.nii")
         self._results["zooms"] = list(lps_zooms(lps))
         self._results["orientation"] = "".join(nib.aff2axcodes(img.affine))
         self._results["geometry"] = source_geometry(img)
@@ -166,13 +136,10 @@ class _PredictInputSpec(BaseInterfaceInputSpec):
     model_folder = traits.Str(mandatory=True, desc="nnU-Net trained-model folder")
     folds = traits.List(desc="folds to average (empty: every fold present)")
     checkpoint_sha256 = traits.Dict(desc="checkpoint digests (so a new model re-runs)")
-    device = traits.Enum("auto", "cpu", "cuda", usedefault=True, desc="where the network runs")
-    use_tta = traits.Bool(True, usedefault=True, desc="mirroring test-time augmentation")
-    step_size = traits.Float(0.5, usedefault=True, desc="sliding-window step (tile fraction)")
-    precision = traits.Enum(
-        "auto", "fp32", "bf16", "fp16", usedefault=True, desc="arithmetic of the network"
+    options = traits.Dict(
+        mandatory=True,
+        desc="settings.InferenceOptions without num_threads (InferenceOptions.hashed)",
     )
-    channels_last = traits.Bool(False, usedefault=True, desc="channels-last 3-D memory layout")
     num_threads = traits.Int(1, usedefault=True, nohash=True, desc="torch CPU threads")
     use_gpu = traits.Bool(
         False,
@@ -195,18 +162,14 @@ class NNUnetPredict(SimpleInterface):
     output_spec = _PredictOutputSpec
 
     def _run_interface(self, runtime):
-        from .nnunet.predictor import PredictionInfo
+        from .nnunet.predictor import PredictionInfo, resolve_device
 
-        device = resolve_device(self.inputs.device)
+        options = InferenceOptions(**self.inputs.options, num_threads=int(self.inputs.num_threads))
+        device = resolve_device(options.device)
         predictor = load_predictor(
             self.inputs.model_folder,
             tuple(self.inputs.folds) if isdefined(self.inputs.folds) else (),
-            device,
-            bool(self.inputs.use_tta),
-            float(self.inputs.step_size),
-            int(self.inputs.num_threads),
-            self.inputs.precision,
-            bool(self.inputs.channels_last),
+            replace(options, device=device),
         )
         img = nib.load(self.inputs.in_file)
         data = np.asarray(img.dataobj, dtype=np.float32)
@@ -257,8 +220,7 @@ class MaskAndCrop(SimpleInterface):
 
 
 class _PasteInputSpec(BaseInterfaceInputSpec):
-    source_file = File(mandatory=True, desc="the T1w (defines the output grid)")
-    volume = traits.Int(desc="the volume segmented, for a source with several volumes")
+    grid_file = File(exists=True, mandatory=True, desc="the source's grid (ReorientToLPS)")
     crop_labels = File(exists=True, mandatory=True, desc="DLMUSE's classes on the crop")
     icv_mask = File(exists=True, mandatory=True, desc="kept ICV component (LPS)")
     crop_box = traits.List(traits.List(traits.Int), mandatory=True, desc="crop box")
@@ -276,8 +238,7 @@ class PasteLabels(SimpleInterface):
     output_spec = _PasteOutputSpec
 
     def _run_interface(self, runtime):
-        source = self.inputs.source_file
-        img = load_t1w(source, volume=_chosen_volume(source, self.inputs.volume))
+        img = nib.load(self.inputs.grid_file)
         classes = np.asarray(nib.load(self.inputs.crop_labels).dataobj)
         mask = np.asarray(nib.load(self.inputs.icv_mask).dataobj)
         box = tuple((a, b) for a, b in self.inputs.crop_box)

@@ -12,6 +12,7 @@ import glob
 import gzip
 import logging
 import os
+import re
 import secrets
 import zlib
 from pathlib import Path
@@ -33,6 +34,8 @@ MAX_VOXEL_SIZE_MM = 5.0
 #: sform and qform further apart than this (per matrix element, mm) count as disagreeing.
 SQFORM_ATOL_MM = 1e-3
 
+#: A NIfTI file's extension, in any case (``.NII.GZ`` is seen on scanners' exports).
+NIFTI_EXTENSION = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)
 _GZIP_MAGIC = b"\x1f\x8b"
 _GZIP_LEVEL = 6
 _WRITE_CHUNK = 1 << 20
@@ -69,6 +72,23 @@ class _Refusal(Exception):  # noqa: N818 - an internal signal, never seen by cal
     """Internal: a reason to refuse the input; :func:`load_t1w` adds the path."""
 
 
+def nifti_stem(path: str | os.PathLike[str]) -> str:
+    """A file's name without its ``.nii``/``.nii.gz`` extension (in any case)."""
+    return NIFTI_EXTENSION.sub("", Path(path).name)
+
+
+def unwritable(directory: Path) -> str | None:
+    """Why ``directory`` cannot take outputs (created if missing), or None."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".dlmuse-write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        return f"output directory not writable ({exc.strerror or exc})"
+    return None
+
+
 def load_t1w(path: str | os.PathLike[str], *, volume: int | None = None) -> nib.Nifti1Image:
     """Load one T1w NIfTI file, check it thoroughly, and return it as a 3-D float32 image.
 
@@ -80,7 +100,9 @@ def load_t1w(path: str | os.PathLike[str], *, volume: int | None = None) -> nib.
     path : str or os.PathLike
         A single-file NIfTI-1 or NIfTI-2 image (``.nii`` or ``.nii.gz``).
     volume : int, optional
-        Index of the volume to use from a 4-D file; needed when it has more than one.
+        Index of the volume to use from a 4-D file with several volumes (needed for one); a
+        3-D or single-volume file is used whole whatever it says (``--t1w-volume`` applies to
+        the files that need it).
 
     Returns
     -------
@@ -328,7 +350,7 @@ def _check_shape(shape: tuple[int, ...], volume: int | None) -> int:
             f"image is 4-D with {n_vol} volumes (shape {text}); "
             f"a single 3-D T1w volume is needed (choose one with volume=0..{n_vol - 1})"
         )
-    index = 0 if volume is None else volume
+    index = 0 if volume is None or n_vol == 1 else volume
     if not 0 <= index < n_vol:
         raise _Refusal(f"volume {index} requested but the image has {n_vol} (shape {text})")
     for axis, n in enumerate(shape[:3]):

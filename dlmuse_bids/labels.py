@@ -25,13 +25,12 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from functools import cache
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from .io import write_bytes_atomic
+from .io import nifti_stem, write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -205,31 +204,38 @@ def single_roi_counts(label_map: np.ndarray) -> dict[int, int]:
     return {roi: int(counts[roi]) for roi in singles}
 
 
-def single_roi_volumes(label_map: np.ndarray, voxel_volume_mm3: float) -> dict[int, float]:
-    """Volume of every single ROI in a MUSE label map.
+def roi_volumes(
+    label_map: np.ndarray, zooms: Sequence[float], counts: Mapping[int, int] | None = None
+) -> tuple[dict[int, float], dict[int, float]]:
+    """The volumes (mm³) of a MUSE label map: every single ROI, and NiChart's 260 ROIs.
+
+    The one place volumes are computed (the pipeline, the volumes table and QC call it).
 
     Parameters
     ----------
     label_map : numpy.ndarray
         Label map in MUSE ids (0 = background, 1 = ICV not in any region), any shape.
         Float arrays (``get_fdata()``) are accepted when all values are integers.
-    voxel_volume_mm3 : float
-        Volume of one voxel in mm³, see :func:`voxel_volume_mm3`.
+    zooms : sequence of float
+        Voxel size in mm (see :func:`voxel_volume_mm3`).
+    counts : mapping of int to int, optional
+        :func:`single_roi_counts` of ``label_map``, when the caller has them already.
 
     Returns
     -------
-    dict[int, float]
-        ``{id: voxel count * voxel_volume_mm3}`` for every id of :func:`single_roi_ids`, in
-        that order; zero for ids absent from the map.
+    tuple of dict[int, float]
+        ``{id: voxel count * voxel volume}`` for every id of :func:`single_roi_ids`, in that
+        order (zero for ids absent from the map), and :func:`derived_roi_volumes` of those.
 
     Raises
     ------
     ValueError
         If the map holds values that are neither background nor a single ROI id.
     """
-    counts = single_roi_counts(label_map)
-    scale = float(voxel_volume_mm3)
-    return {roi: n * scale for roi, n in counts.items()}
+    scale = voxel_volume_mm3(zooms)
+    counts = single_roi_counts(label_map) if counts is None else counts
+    single = {roi: n * scale for roi, n in counts.items()}
+    return single, derived_roi_volumes(single)
 
 
 def derived_roi_volumes(single_volumes: Mapping[int, float]) -> dict[int, float]:
@@ -238,7 +244,7 @@ def derived_roi_volumes(single_volumes: Mapping[int, float]) -> dict[int, float]
     Parameters
     ----------
     single_volumes : mapping of int to float
-        Single-ROI volumes, e.g. from :func:`single_roi_volumes`.
+        Single-ROI volumes, e.g. the first of :func:`roi_volumes`.
 
     Returns
     -------
@@ -260,7 +266,6 @@ def derived_roi_volumes(single_volumes: Mapping[int, float]) -> dict[int, float]
     return {roi: math.fsum(float(single_volumes[m]) for m in ids) for roi, ids in members.items()}
 
 
-_NIFTI_EXT = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)
 _T1_SUFFIX = re.compile(r"_T1w?$", re.IGNORECASE)
 
 
@@ -269,7 +274,7 @@ def nichart_mrid(path: str | os.PathLike[str]) -> str:
 
     Never NiChart's own common-suffix stripping, which turns ``sub-01_T1w`` into ``sub-0``.
     """
-    return _T1_SUFFIX.sub("", _NIFTI_EXT.sub("", Path(path).name))
+    return _T1_SUFFIX.sub("", nifti_stem(path))
 
 
 def nichart_columns() -> list[str]:
@@ -335,10 +340,8 @@ def roi_volume_table(label_map: np.ndarray, zooms: Sequence[float]) -> pd.DataFr
         id, then the derived ROIs in NiChart's order; ``n_voxels`` is missing (``<NA>``) for
         derived ROIs, which are sums of their members' volumes.
     """
-    scale = voxel_volume_mm3(zooms)
     counts = single_roi_counts(label_map)
-    single = {roi: n * scale for roi, n in counts.items()}
-    derived = derived_roi_volumes(single)
+    single, derived = roi_volumes(label_map, zooms, counts)
     table = _table().set_index("index")
     ids = list(single) + [roi for roi in derived if table.at[roi, "kind"] == "derived"]
     return pd.DataFrame(

@@ -15,12 +15,15 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from .nnunet.plans import ModelConfig, PlansError, load_model_config
-from .nnunet.predictor import InferenceOptions, Predictor
+from .settings import InferenceOptions, ModelInfo
+
+if TYPE_CHECKING:  # torch is imported where weights are loaded, not to find or check models
+    from .nnunet.predictor import Predictor
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +66,9 @@ OFFICIAL_MODELS: dict[str, OfficialModel] = {
 
 
 class ModelError(RuntimeError):
-    """A model folder is missing, incomplete or untrustworthy."""
+    """A model folder is missing, incomplete or untrustworthy (exit code: EX_NOINPUT)."""
+
+    exit_code = 66
 
 
 class ModelNotFoundError(ModelError, FileNotFoundError):
@@ -141,23 +146,12 @@ OFFICIAL_MARKER = ".dlmuse-official.json"
 REFETCH_HINT = "fetch it again with `dlmuse models fetch --dest DIR` (DIR: the models directory)"
 
 
-def load_checkpoint(
-    path: Path, official: OfficialModel | None = None, *, fetched: dict | None = None
-) -> tuple[dict, str]:
-    """Load an nnU-Net checkpoint safely; return it with its sha256.
+def verify_checkpoint(
+    path: Path, official: OfficialModel | None = None, fetched: dict | None = None
+) -> str:
+    """The sha256 of a checkpoint, once its size and digest are those it must have.
 
-    Parameters
-    ----------
-    path
-        ``fold_K/checkpoint_final.pth``.
-    official
-        The official model this file should be, if any. A file with the official size but not
-        its sha256 is refused before loading (a damaged download); a file that needs more than
-        ``weights_only`` is loaded only when its sha256 is the official one.
-    fetched
-        The record of :data:`OFFICIAL_MARKER` when ``dlmuse models fetch`` downloaded this
-        folder (``repo``, ``size``, ``sha256``): any other size or sha256 (a truncated or
-        altered file) is refused before loading.
+    See :func:`load_checkpoint` for ``official`` and ``fetched``; nothing is unpickled here.
     """
     path = Path(path)
     if not path.is_file():
@@ -179,6 +173,31 @@ def load_checkpoint(
             f"{path}: sha256 {digest} is not the official {official.key} checkpoint's "
             f"({official.sha256}, {official.hf_repo}); the file is damaged: {REFETCH_HINT}"
         )
+    return digest
+
+
+def load_checkpoint(
+    path: Path, official: OfficialModel | None = None, *, fetched: dict | None = None
+) -> tuple[dict, str]:
+    """Load an nnU-Net checkpoint safely; return it with its sha256.
+
+    Parameters
+    ----------
+    path
+        ``fold_K/checkpoint_final.pth``.
+    official
+        The official model this file should be, if any. A file with the official size but not
+        its sha256 is refused before loading (a damaged download); a file that needs more than
+        ``weights_only`` is loaded only when its sha256 is the official one.
+    fetched
+        The record of :data:`OFFICIAL_MARKER` when ``dlmuse models fetch`` downloaded this
+        folder (``repo``, ``size``, ``sha256``): any other size or sha256 (a truncated or
+        altered file) is refused before loading.
+    """
+    import torch
+
+    path = Path(path)
+    digest = verify_checkpoint(path, official, fetched)
     try:
         with torch.serialization.safe_globals(_numpy_safe_globals()):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -217,8 +236,14 @@ class TrainedModel:
     mirror_axes: tuple[int, ...] | None
     sha256: dict[str, str]
 
+    def info(self, name: str) -> ModelInfo:
+        """Its identity for provenance (``name``: ``"DLICV"`` or ``"DLMUSE"``)."""
+        return ModelInfo(name, self.folder.absolute(), tuple(self.folds), dict(self.sha256))
+
     def predictor(self, options: InferenceOptions) -> Predictor:
         """A :class:`Predictor` of this model; weights that do not fit the plans are an error."""
+        from .nnunet.predictor import Predictor
+
         try:
             return Predictor(self.config, self.fold_weights, self.mirror_axes, options)
         except ValueError as exc:
@@ -251,6 +276,41 @@ def _fetch_record(folder: Path) -> dict | None:
     return record
 
 
+def _model_config(folder: Path) -> ModelConfig:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelNotFoundError(f"{folder}: model folder not found")
+    try:
+        return load_model_config(folder, _configuration_name(folder))
+    except PlansError as exc:
+        raise ModelError(str(exc)) from exc
+
+
+def model_classes(folder: Path) -> int:
+    """The number of classes a model folder's plans give (its weights are not read)."""
+    return _model_config(folder).num_classes
+
+
+def describe_model(name: str, folder: Path) -> ModelInfo:
+    """The identity of a model folder (every fold's checkpoint digest), without loading weights.
+
+    The fold-0 checkpoint is checked as :func:`load_checkpoint` checks it before unpickling.
+    """
+    folder = Path(folder)
+    folds = available_folds(folder)
+    if not folds:
+        raise ModelError(f"{folder}: no fold_*/{CHECKPOINT} found")
+    official = _official_for(folder)
+    digests = {}
+    for fold in folds:
+        path = folder / f"fold_{fold}" / CHECKPOINT
+        first = str(fold) == "0"
+        digests[f"fold_{fold}"] = verify_checkpoint(
+            path, official if first else None, _fetch_record(folder) if first else None
+        )
+    return ModelInfo(name, folder.absolute(), tuple(folds), digests)
+
+
 def load_trained_model(folder: Path, folds: Sequence[int | str] | None = None) -> TrainedModel:
     """Load an nnU-Net v2 trained-model folder (``plans.json``, ``dataset.json``, folds).
 
@@ -262,12 +322,7 @@ def load_trained_model(folder: Path, folds: Sequence[int | str] | None = None) -
         Folds to use; all folds with ``checkpoint_final.pth`` when None.
     """
     folder = Path(folder)
-    if not folder.is_dir():
-        raise ModelNotFoundError(f"{folder}: model folder not found")
-    try:
-        config = load_model_config(folder, _configuration_name(folder))
-    except PlansError as exc:
-        raise ModelError(str(exc)) from exc
+    config = _model_config(folder)
     present = available_folds(folder)
     if folds is None:
         folds = present

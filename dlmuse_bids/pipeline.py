@@ -35,7 +35,12 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation
 from scipy import ndimage
 
 from .io import make_label_image
-from .labels import class_to_muse_lut, derived_roi_volumes, single_roi_volumes, voxel_volume_mm3
+from .labels import (
+    ICV_ID,
+    RESIDUAL_ICV_LABEL,
+    class_to_muse_lut,
+    roi_volumes,
+)
 from .nnunet.predictor import PredictionInfo, Predictor
 
 logger = logging.getLogger(__name__)
@@ -44,8 +49,6 @@ logger = logging.getLogger(__name__)
 MIN_ICV_COMPONENT_VOXELS = 200_000
 #: Crop padding around the ICV mask, as a fraction of the mask's extent on each axis.
 CROP_PAD_FRACTION = 0.10
-#: Label for intracranial voxels that DLMUSE left unlabelled (mostly cortical CSF).
-RESIDUAL_ICV_LABEL = 1
 REFERENCE_ORIENTATION = "LPS"
 
 _SIX_CONNECTED = ndimage.generate_binary_structure(3, 1)
@@ -72,7 +75,6 @@ class PipelineResult:
     single_volumes: dict[int, float]
     volumes: dict[int, float]  # every ROI of the volumes table, in its order
     selection: ComponentSelection
-    crop_box_lps: tuple[tuple[int, int], ...]
     source_orientation: str
     seconds: dict[str, float] = field(default_factory=dict)
     predictions: dict[str, PredictionInfo] = field(default_factory=dict)
@@ -261,28 +263,18 @@ def to_native(
     )
 
 
-def roi_volumes(label_img: nib.Nifti1Image) -> tuple[dict[int, float], dict[int, float]]:
-    """Single-ROI volumes and the volumes of NiChart's 260 ROIs (mm³) of a MUSE label map."""
-    single = single_roi_volumes(
-        np.asanyarray(label_img.dataobj), voxel_volume_mm3(label_img.header.get_zooms()[:3])
-    )
-    return single, derived_roi_volumes(single)
-
-
 def lps_zooms(lps: nib.Nifti1Image) -> tuple[float, float, float]:
     """Voxel sizes the networks are told (every step must use the very same floats)."""
     return tuple(float(z) for z in lps.header.get_zooms()[:3])
 
 
-def check_models(dlicv: Predictor, dlmuse: Predictor) -> None:
+def check_models(dlicv_classes: int, dlmuse_classes: int) -> None:
     """Refuse a model pair that cannot be DLICV (2 classes) and DLMUSE (152 classes)."""
-    if dlicv.config.num_classes != 2:
-        raise ValueError(f"the DLICV model must have 2 classes, not {dlicv.config.num_classes}")
+    if dlicv_classes != 2:
+        raise ValueError(f"the DLICV model must have 2 classes, not {dlicv_classes}")
     n_muse = len(class_to_muse_lut())
-    if dlmuse.config.num_classes != n_muse:
-        raise ValueError(
-            f"the DLMUSE model must have {n_muse} classes, not {dlmuse.config.num_classes}"
-        )
+    if dlmuse_classes != n_muse:
+        raise ValueError(f"the DLMUSE model must have {n_muse} classes, not {dlmuse_classes}")
 
 
 # -- the pipeline -----------------------------------------------------------------------------
@@ -290,7 +282,7 @@ class DLMUSEPipeline:
     """DLICV then DLMUSE on one T1w image; the models are loaded once and reused."""
 
     def __init__(self, dlicv: Predictor, dlmuse: Predictor) -> None:
-        check_models(dlicv, dlmuse)
+        check_models(dlicv.config.num_classes, dlmuse.config.num_classes)
         self.dlicv = dlicv
         self.dlmuse = dlmuse
         self.lut = class_to_muse_lut()
@@ -325,13 +317,15 @@ class DLMUSEPipeline:
         label_img, mask_img = to_native(paste_labels(classes, mask, box, self.lut), mask, img)
         lap("relabel_paste")
 
-        single, volumes = roi_volumes(label_img)
+        single, volumes = roi_volumes(
+            np.asanyarray(label_img.dataobj), label_img.header.get_zooms()[:3]
+        )
         lap("volumes")
         logger.info(
             "segmented %s image %s: ICV %.0f mL, component rule %s",
             source_orientation,
             img.shape,
-            volumes.get(702, 0.0) / 1000,
+            volumes.get(ICV_ID, 0.0) / 1000,
             selection.outcome,
         )
         return PipelineResult(
@@ -340,7 +334,6 @@ class DLMUSEPipeline:
             single_volumes=single,
             volumes=volumes,
             selection=selection,
-            crop_box_lps=box,
             source_orientation=source_orientation,
             seconds=seconds,
             predictions={"DLICV": icv_info, "DLMUSE": muse_info},

@@ -21,11 +21,9 @@ from .labels import (
     ICV_ID,
     RESIDUAL_ICV_LABEL,
     TOTALBRAIN_ID,
-    derived_roi_volumes,
     load_label_table,
-    single_roi_counts,
+    roi_volumes,
     volume_roi_ids,
-    voxel_volume_mm3,
 )
 
 
@@ -175,10 +173,7 @@ def measures(
     ``template`` holds the template alignment (:func:`template_measures`), or a ``"skipped"``
     reason, or is ``None`` when no check was run.
     """
-    voxel = voxel_volume_mm3(zooms)
-    counts = single_roi_counts(labels)
-    single = {roi: n * voxel for roi, n in counts.items()}
-    volumes = derived_roi_volumes(single)
+    single, volumes = roi_volumes(labels, zooms)
     icv = volumes[ICV_ID]
     expected = [roi for roi in volume_roi_ids() if roi in single and roi != RESIDUAL_ICV_LABEL]
     missing = sorted(roi for roi in expected if single[roi] < MIN_ROI_MM3)
@@ -207,7 +202,7 @@ def measures(
         "voxel_mm": "x".join(f"{z:.3g}" for z in zooms),
         "max_voxel_mm": float(max(zooms)),
         "orientation": orientation or "n/a",
-        **_template_columns(template, icv / 1e6),
+        **template_columns(template, icv / 1e6),
     }
 
 
@@ -224,7 +219,11 @@ def template_measures(
     }
 
 
-def _template_columns(template: Mapping[str, Any] | None, icv_l: float) -> dict[str, Any]:
+def template_columns(template: Mapping[str, Any] | None, icv_l: float) -> dict[str, Any]:
+    """The QC table's template-check columns: the alignment's measures, or why it was skipped.
+
+    ``icv_l`` (the DLICV volume, litres) is compared with the template's eTIV estimate.
+    """
     nan = float("nan")
     if not template or "skipped" in template:
         reason = (template or {}).get("skipped", "not run")

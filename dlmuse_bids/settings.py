@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,16 +41,60 @@ GRAPH_PLUGINS = ("SLURMGraph", "SGEGraph", "PBSGraph", "CondorDAGMan")
 SLURM_PLUGINS = ("SLURM", "SLURMGraph")
 
 
-@dataclass(frozen=True)
-class InferenceSettings:
-    """How the networks run; the same for every image of a run."""
+#: Where the networks run; ``auto`` is resolved where they run (a GPU when one is visible there).
+DEVICES = ("auto", "cpu", "cuda")
+#: Arithmetic of the networks: ``auto`` is nnU-Net's (fp32 on a CPU, fp16 autocast on CUDA);
+#: ``fast`` is bf16 on CPUs with native bf16, fp16 on CUDA, fp32 elsewhere (what ``--fast`` uses).
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "fast")
 
-    device: str = "auto"  # "auto", "cpu" or "cuda"; "auto" is resolved where the network runs
-    tta: bool = True
-    step_size: float = 0.5
-    threads: int = 1  # torch threads per network node
-    precision: str = "auto"  # "auto", "fp32", "bf16" or "fp16" (see nnunet.predictor)
-    channels_last: bool = False  # channels-last 3-D layout (--fast)
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    """How the networks are evaluated (never which model), with nnU-Net's names.
+
+    One value is built from the command line and carried whole to the engine
+    (:class:`dlmuse_bids.nnunet.predictor.Predictor`). Everything but ``num_threads`` can change
+    the labels, so everything but ``num_threads`` is provenance.
+    """
+
+    device: str = "auto"
+    num_threads: int | None = None  # torch intra-op threads; None leaves torch's own setting
+    tile_step_size: float = 0.5
+    use_mirroring: bool = True
+    precision: str = "auto"
+    channels_last: bool = False  # channels-last 3-D memory layout (faster oneDNN kernels)
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)}, not {self.device!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}"
+            )
+        if not 0 < self.tile_step_size <= 1:
+            raise ValueError(f"tile step size must be in (0, 1], not {self.tile_step_size}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be at least 1, not {self.num_threads}")
+
+    def hashed(self) -> dict[str, Any]:
+        """The fields that can change a result (all but ``num_threads``), for nipype's hash."""
+        fields = asdict(self)
+        del fields["num_threads"]
+        return fields
+
+
+@dataclass(frozen=True)
+class ModelSources:
+    """Where the DLICV and DLMUSE folders are looked up, and whether a missing one is fetched.
+
+    Resolved once by the command line from ``--model-dir``, ``--offline`` and the environment.
+    """
+
+    search_dirs: tuple[Path, ...]
+    fetch_dir: Path | None = None  # where a first-use fetch goes; None: never fetch
+    offline: str | None = None  # why downloading is not allowed (e.g. "--offline"); None: it is
+    endpoint: str | None = None  # the model hub to fetch from (None: HuggingFace)
+    hint: str = ""  # said after a "not found" (how to mount weights into the image)
 
 
 @dataclass(frozen=True)
@@ -85,9 +129,8 @@ class BIDSAppSettings:
     bids_filters: Mapping[str, Any] = field(default_factory=dict)
     work_dir: Path | None = None
     nprocs: int = 1
-    inference: InferenceSettings = field(default_factory=InferenceSettings)
-    model_dir: Path | None = None
-    offline: bool = False  # --offline; the environment's say is added where models are fetched
+    inference: InferenceOptions = field(default_factory=InferenceOptions)
+    models: ModelSources = field(default_factory=lambda: ModelSources(()))
     skip_validation: bool = False
     database_dir: Path | None = None
     overwrite: bool = False
@@ -99,6 +142,18 @@ class BIDSAppSettings:
     template: TemplateFiles | None = None  # the orientation check's template, when available
     template_note: str = "no template given"  # why there is no template
     t1w_volume: int | None = None  # which volume of 4-D T1w files to segment (None: refuse them)
+    version: str = __version__
+
+
+@dataclass(frozen=True)
+class NiftiRunSettings:
+    """Everything a ``dlmuse run`` needs: T1w files in, NiChart_DLMUSE's layout out."""
+
+    inputs: tuple[Path, ...]
+    output_dir: Path
+    models: ModelSources
+    inference: InferenceOptions = field(default_factory=InferenceOptions)
+    overwrite: bool = False
     version: str = __version__
 
 

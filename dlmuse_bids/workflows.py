@@ -24,11 +24,13 @@ from .interfaces import (
     SidecarMetadata,
     TemplateCheck,
 )
-from .settings import InferenceSettings, ModelInfo
+from .io import nifti_stem
+from .settings import InferenceOptions, ModelInfo
 from .template import TemplateFiles
 
-#: Peak memory of one full-width network node per input voxel, measured by
-#: benchmarks/time_pipeline.py (4.2 GiB for a 176x238x169 scan, models included), with margin.
+#: Memory asked for one full-width network node per input voxel: 4.5 GiB for a 176x238x169 scan,
+#: models included. The measured peak of the whole pipeline on that scan is 3.0-3.4 GiB
+#: (benchmarks/results/); the margin covers scans whose crop or grid is larger for their size.
 _GIB_PER_VOXEL = 4.5 / (176 * 238 * 169)
 #: Memory any submitted job needs, whatever its node does: Python with nipype and torch loaded.
 _JOB_MEM_FLOOR_GB = 1.0
@@ -45,8 +47,7 @@ def sink_nodes(template: bool) -> tuple[str, ...]:
 
 def workflow_name(source: Path) -> str:
     """A nipype-safe, unique-per-file name for the sub-workflow of one T1w."""
-    stem = re.sub(r"\.nii(\.gz)?$", "", Path(source).name)
-    return "t1w_" + re.sub(r"[^0-9a-zA-Z]+", "_", stem).strip("_") + "_wf"
+    return "t1w_" + re.sub(r"[^0-9a-zA-Z]+", "_", nifti_stem(source)).strip("_") + "_wf"
 
 
 def _network_mem_gb(source: Path) -> float:
@@ -107,7 +108,7 @@ def init_dlmuse_wf(
     bids_dir: Path,
     output_dir: Path,
     models: Mapping[str, ModelInfo],
-    inference: InferenceSettings,
+    inference: InferenceOptions,
     provenance: Provenance,
     template: TemplateFiles | None = None,
     template_note: str = "no template given",
@@ -131,8 +132,8 @@ def init_dlmuse_wf(
     mem_gb = _network_mem_gb(t1w)
     reorient = pe.Node(ReorientToLPS(), name="reorient", mem_gb=mem_gb / 4)
     paste = pe.Node(PasteLabels(), name="paste", mem_gb=mem_gb / 4)
-    if provenance.t1w_volume is not None:  # both read the source
-        reorient.inputs.volume = paste.inputs.volume = provenance.t1w_volume
+    if provenance.t1w_volume is not None:
+        reorient.inputs.volume = provenance.t1w_volume
     networks = {}
     for key in ("DLICV", "DLMUSE"):
         info = models[key]
@@ -141,16 +142,12 @@ def init_dlmuse_wf(
                 model_folder=str(info.folder),
                 folds=list(info.folds),
                 checkpoint_sha256=dict(info.sha256),
-                device=inference.device,
-                use_tta=inference.tta,
-                step_size=inference.step_size,
-                precision=inference.precision,
-                channels_last=inference.channels_last,
-                num_threads=inference.threads,
+                options=inference.hashed(),
+                num_threads=inference.num_threads or 1,
                 use_gpu=use_gpu,
             ),
             name=key.lower(),
-            n_procs=inference.threads,
+            n_procs=inference.num_threads or 1,
             mem_gb=mem_gb,
         )
         networks[key] = node
@@ -180,7 +177,7 @@ def init_dlmuse_wf(
         (networks["DLICV"], mask_crop, [("out_file", "raw_mask")]),
         (mask_crop, networks["DLMUSE"], [("crop_file", "in_file")]),
         (reorient, networks["DLMUSE"], [("zooms", "zooms")]),
-        (inputnode, paste, [("t1w", "source_file")]),
+        (reorient, paste, [("grid_file", "grid_file")]),
         (networks["DLMUSE"], paste, [("out_file", "crop_labels")]),
         (mask_crop, paste, [("icv_mask", "icv_mask"), ("crop_box", "crop_box")]),
         (paste, volumes, [("out_dseg", "in_file")]),
@@ -241,7 +238,7 @@ def init_participant_wf(
     bids_dir: Path,
     output_dir: Path,
     models: Mapping[str, ModelInfo],
-    inference: InferenceSettings,
+    inference: InferenceOptions,
     provenance: Provenance,
     template: TemplateFiles | None = None,
     template_note: str = "no template given",

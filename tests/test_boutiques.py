@@ -19,6 +19,7 @@ from dlmuse_bids.cli.common import (
     EXIT_USAGE,
     non_negative_int,
     positive_int,
+    step_fraction,
 )
 from dlmuse_bids.group import GROUP_DIR, write_group_tables
 
@@ -88,6 +89,9 @@ def test_flags_are_the_parser_options(descriptor):
             assert (inp["type"], inp.get("integer"), inp.get("minimum")) == ("Number", True, 0)
         elif action.type is Path:
             assert inp["type"] in ("File", "String"), flag
+        elif action.type is step_fraction:
+            bounds = (inp.get("minimum"), inp.get("exclusive-minimum"), inp.get("maximum"))
+            assert (inp["type"], *bounds) == ("Number", 0, True, 1), flag
         else:
             assert inp["type"] == "String", flag
 
@@ -174,6 +178,7 @@ INVOCATIONS = {
         "model_dir": "/models",
         "offline": True,
         "no_tta": True,
+        "step_size": 0.25,
         "precision": "bf16",
         "fast": True,
         "overwrite": True,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import subprocess
 import sys
@@ -13,9 +14,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dlmuse_bids.cli import dlmuse_main, image_name, subject_id
-from dlmuse_bids.labels import nichart_columns
+from dlmuse_bids.cli import dlmuse_main
+from dlmuse_bids.io import nifti_stem
+from dlmuse_bids.labels import nichart_columns, nichart_mrid
 from tests.conftest import synthetic_head
+from tests.support.geometry import reoriented, world_labels
 from tests.support.paths import DLMUSE_DATASET, TRAINED_MODEL_SUBDIR
 
 
@@ -24,10 +27,10 @@ def _run(*args: str | Path) -> int:
 
 
 def test_names_and_subject_ids():
-    assert subject_id(Path("sub-01_T1w.nii.gz")) == "sub-01"
-    assert subject_id(Path("/x/Subj1_T1.nii")) == "Subj1"
-    assert subject_id(Path("a_T1w_run-1.nii.gz")) == "a_T1w_run-1"
-    assert image_name(Path("sub-01_T1w.nii.gz")) == "sub-01_T1w"
+    assert nichart_mrid(Path("sub-01_T1w.nii.gz")) == "sub-01"
+    assert nichart_mrid(Path("/x/Subj1_T1.nii")) == "Subj1"
+    assert nichart_mrid(Path("a_T1w_run-1.nii.gz")) == "a_T1w_run-1"
+    assert nifti_stem(Path("sub-01_T1w.nii.gz")) == "sub-01_T1w"
 
 
 def test_usage_errors_exit_64(capsys):
@@ -106,47 +109,38 @@ def test_run_writes_nichart_outputs_and_survives_bad_inputs(
     assert not any(p.name.startswith(".") for p in out.iterdir())  # no temp files left
 
 
-def test_existing_outputs_are_kept(tiny_models, head_file, tmp_path, capsys):
+def test_outputs_made_with_the_same_settings_are_kept(tiny_models, head_file, tmp_path, capsys):
     out = tmp_path / "out"
     args = ("run", head_file, "-o", out, "--model-dir", tiny_models, "--no-tta")
     assert _run(*args) == 0
     seg = out / "sub-01_T1w_DLMUSE.nii.gz"
+    provenance = json.loads((out / "sub-01_T1w_DLMUSE.json").read_text())
+    assert provenance["TestTimeAugmentation"] is False and provenance["TileStepSize"] == 0.5
+    assert provenance["Sources"] == [str(head_file)]
     os.utime(seg, (1_000_000_000, 1_000_000_000))
+    capsys.readouterr()
     assert _run(*args) == 0
     assert seg.stat().st_mtime == 1_000_000_000
+    assert "0 processed, 1 skipped" in capsys.readouterr().err
     assert pd.read_csv(out / "DLMUSE_Volumes.csv")["MRID"].tolist() == ["sub-01"]
-    assert _run(*args, "--overwrite") == 0
+    # other settings made other outputs: recomputed, and the sidecar says how
+    assert _run(*args, "--step-size", "0.75") == 0
+    assert seg.stat().st_mtime > 1_000_000_000
+    assert "1 processed, 0 skipped" in capsys.readouterr().err
+    assert json.loads((out / "sub-01_T1w_DLMUSE.json").read_text())["TileStepSize"] == 0.75
+    os.utime(seg, (1_000_000_000, 1_000_000_000))
+    assert _run(*args, "--step-size", "0.75", "--overwrite") == 0
+    assert seg.stat().st_mtime > 1_000_000_000
+    # outputs without their provenance (an interrupted or older run) are recomputed
+    (out / "sub-01_T1w_DLMUSE.json").unlink()
+    capsys.readouterr()
+    assert _run(*args) == 0
+    assert "1 processed, 0 skipped" in capsys.readouterr().err
     dup = tmp_path / "other" / head_file.name
     dup.parent.mkdir()
     dup.write_bytes(head_file.read_bytes())
     assert _run("run", head_file, dup, "-o", out, "--model-dir", tiny_models, "--no-tta") == 1
-    assert f"{dup}: same output name 'sub-01_T1w'" in capsys.readouterr().err
-    assert seg.stat().st_mtime != 1_000_000_000
-
-
-def _reoriented(img: nib.Nifti1Image, perm, flips) -> nib.Nifti1Image:
-    """The same image stored with permuted/flipped voxel axes, affine updated to match."""
-    data = np.asarray(img.dataobj).transpose(perm)
-    affine = img.affine[:, [*perm, 3]].copy()
-    for axis in flips:
-        data = np.flip(data, axis)
-        flip = np.eye(4)
-        flip[axis, axis] = -1
-        flip[axis, 3] = data.shape[axis] - 1
-        affine = affine @ flip
-    out = nib.Nifti1Image(np.ascontiguousarray(data), affine)
-    out.set_qform(affine, 1)
-    out.set_sform(affine, 1)
-    return out
-
-
-def _world_labels(path: Path, reference: nib.Nifti1Image) -> np.ndarray:
-    """Labels resampled (nearest, exact for axis permutations) onto the reference grid."""
-    img = nib.load(path)
-    vox = np.linalg.inv(img.affine) @ reference.affine
-    ijk = np.indices(reference.shape).reshape(3, -1)
-    idx = np.rint(vox[:3, :3] @ ijk + vox[:3, 3:]).astype(int)
-    return np.asarray(img.dataobj)[tuple(idx)].reshape(reference.shape)
+    assert f"{dup}: same output names as {head_file}; rename one" in capsys.readouterr().err
 
 
 def test_labels_are_equivariant_in_physical_space(tiny_models, head_file, tmp_path):
@@ -155,19 +149,19 @@ def test_labels_are_equivariant_in_physical_space(tiny_models, head_file, tmp_pa
     indir = tmp_path / "variants"
     indir.mkdir()
     for name, (perm, flips) in variants.items():
-        nib.save(_reoriented(base, perm, flips), indir / f"{name}_T1w.nii.gz")
+        nib.save(reoriented(base, perm, flips), indir / f"{name}_T1w.nii.gz")
     out = tmp_path / "out"
     assert (
         _run("run", *sorted(indir.iterdir()), "-o", out, "--model-dir", tiny_models, "--no-tta")
         == 0
     )
-    ras = _world_labels(out / "ras_T1w_DLMUSE.nii.gz", base)
+    ras = world_labels(out / "ras_T1w_DLMUSE.nii.gz", base)
     assert np.count_nonzero(ras) > 1000
     for name in ("psr", "lia"):
-        np.testing.assert_array_equal(_world_labels(out / f"{name}_T1w_DLMUSE.nii.gz", base), ras)
+        np.testing.assert_array_equal(world_labels(out / f"{name}_T1w_DLMUSE.nii.gz", base), ras)
         np.testing.assert_array_equal(
-            _world_labels(out / f"{name}_T1w_DLICV.nii.gz", base),
-            _world_labels(out / "ras_T1w_DLICV.nii.gz", base),
+            world_labels(out / f"{name}_T1w_DLICV.nii.gz", base),
+            world_labels(out / "ras_T1w_DLICV.nii.gz", base),
         )
     volumes = pd.read_csv(out / "DLMUSE_Volumes.csv").set_index("MRID")
     assert (volumes.loc["psr"] == volumes.loc["ras"]).all()
@@ -232,11 +226,11 @@ def test_reads_ahead_and_keeps_input_order(tiny_models, head_file, tmp_path, mon
     import threading
     import time
 
-    import dlmuse_bids.io
     from dlmuse_bids.pipeline import DLMUSEPipeline
+    from dlmuse_bids.runner import nifti as nifti_runner
 
     events: list[tuple[str, str]] = []
-    load, run = dlmuse_bids.io.load_t1w, DLMUSEPipeline.run
+    load, run = nifti_runner.load_t1w, DLMUSEPipeline.run
 
     def logged_load(path, **kw):
         events.append(("read", Path(path).name, threading.current_thread().name))
@@ -250,7 +244,7 @@ def test_reads_ahead_and_keeps_input_order(tiny_models, head_file, tmp_path, mon
         events.append(("end", name, ""))
         return result
 
-    monkeypatch.setattr(dlmuse_bids.io, "load_t1w", logged_load)
+    monkeypatch.setattr(nifti_runner, "load_t1w", logged_load)
     monkeypatch.setattr(DLMUSEPipeline, "run", slow_run)
     files = _three_heads(head_file)
     out = tmp_path / "out"
@@ -286,6 +280,7 @@ def test_full_disk_stops_with_a_clear_error(tiny_models, head_file, tmp_path, mo
     assert f"dlmuse: {out}: cannot write outputs of {files[1]} (No space left on device)" in err
     assert sorted(p.name for p in out.iterdir()) == [
         "sub-01_T1w_DLICV.nii.gz",
+        "sub-01_T1w_DLMUSE.json",
         "sub-01_T1w_DLMUSE.nii.gz",
         "sub-01_T1w_DLMUSE_Volumes.csv",
     ]

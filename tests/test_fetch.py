@@ -9,7 +9,8 @@ import pytest
 
 from dlmuse_bids import fetch
 from dlmuse_bids.cli import dlmuse_main
-from dlmuse_bids.cli.models_cmd import ensure_models, offline_reason
+from dlmuse_bids.cli.models_cmd import model_sources, offline_reason
+from dlmuse_bids.fetch import ensure_models
 from dlmuse_bids.models import ModelNotFoundError, find_model, load_trained_model
 from tests.conftest import needs_shared, synthetic_head
 from tests.support.hfserver import FakeHub, HubServer, manifest_of
@@ -127,14 +128,16 @@ def test_first_use_fetches_only_when_allowed(hub, tmp_path, monkeypatch):
     server, manifest = hub
     monkeypatch.setattr(fetch, "official_files", lambda: manifest)
     env = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "HF_ENDPOINT": server.endpoint}
+    said = []
     with pytest.raises(ModelNotFoundError, match="Not downloading them: --offline"):
-        ensure_models(None, True, env)
+        ensure_models(model_sources(None, True, env), say=said.append)
     with pytest.raises(ModelNotFoundError, match="container"):
-        ensure_models(None, False, {**env, "APPTAINER_CONTAINER": "/x.sif"})
+        ensure_models(model_sources(None, False, {**env, "APPTAINER_CONTAINER": "/x.sif"}))
     with pytest.raises(ModelNotFoundError):  # an explicit --model-dir is never filled in
-        ensure_models(tmp_path / "mine", False, env)
-    assert not server.hub.gets
-    dirs = ensure_models(None, False, env)
+        ensure_models(model_sources(tmp_path / "mine", False, env))
+    assert not server.hub.gets and not said
+    dirs = ensure_models(model_sources(None, False, env), say=said.append)
+    assert any("non-commercial" in line for line in said), said  # the licence is said
     assert find_model("DLMUSE", dirs).is_relative_to(tmp_path / "cache")
 
 

@@ -106,7 +106,7 @@ def test_synthetic_volumes() -> None:
     data[1, :2, :] = 47  # 8 voxels right hippocampus
     data[2, 0, 0] = 95  # 1 voxel corpus callosum
     data[3, 0, 0] = OPTIC_CHIASM
-    single = labels.single_roi_volumes(data, 2.0)
+    single = labels.roi_volumes(data, (2.0, 1.0, 1.0))[0]
     assert list(single) == labels.single_roi_ids()
     assert single[1] == 32.0 and single[47] == 16.0 and single[95] == 2.0
     assert single[48] == 0.0
@@ -117,7 +117,7 @@ def test_synthetic_volumes() -> None:
     assert volumes[701] == 18.0
     assert volumes[501] == 2.0  # CORPUS_CALLOSUM
     # float maps (get_fdata) give the same answer
-    assert labels.single_roi_volumes(data.astype(np.float64), 2.0) == single
+    assert labels.roi_volumes(data.astype(np.float64), (2.0, 1.0, 1.0))[0] == single
 
 
 @pytest.mark.parametrize("bad", [3, 250, -5])
@@ -126,12 +126,12 @@ def test_unknown_label_raises(bad: int) -> None:
     data[1, 1, 1] = bad
     data[0, 0, 0] = 4
     with pytest.raises(ValueError, match=rf"unknown label values: {bad}\b"):
-        labels.single_roi_volumes(data, 1.0)
+        labels.roi_volumes(data, (1.0, 1.0, 1.0))[0]
 
 
 def test_non_integer_float_map_raises() -> None:
     with pytest.raises(ValueError, match="non-integer"):
-        labels.single_roi_volumes(np.full((2, 2, 2), 4.5), 1.0)
+        labels.roi_volumes(np.full((2, 2, 2), 4.5), (1.0, 1.0, 1.0))
 
 
 def test_derived_requires_members() -> None:
@@ -171,7 +171,7 @@ def test_real_label_map_volumes(path: Path) -> None:
     img = nib.load(path)
     data = np.asanyarray(img.dataobj)
     vox = float(np.prod(np.asarray(img.header.get_zooms()[:3], dtype=np.float64)))
-    single = labels.single_roi_volumes(data, labels.voxel_volume_mm3(img.header.get_zooms()))
+    single = labels.roi_volumes(data, img.header.get_zooms())[0]
 
     values, counts = np.unique(data, return_counts=True)
     expected = dict(zip(values.tolist(), counts.tolist(), strict=True))
@@ -205,10 +205,7 @@ def test_matches_nichart_calcroivol(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     )
     ref = pd.read_csv(out_csv).iloc[0]
     img = nib.load(path)
-    single = labels.single_roi_volumes(
-        np.asanyarray(img.dataobj), labels.voxel_volume_mm3(img.header.get_zooms())
-    )
-    ours = labels.derived_roi_volumes(single)
+    single, ours = labels.roi_volumes(np.asanyarray(img.dataobj), img.header.get_zooms())
     assert [int(c) for c in ref.index[1:]] == labels.volume_roi_ids()
     for roi, volume in ours.items():
         # NiChart multiplies by the float32 product of the zooms

@@ -18,7 +18,8 @@ from dlmuse_bids.models import (
     load_trained_model,
     model_search_dirs,
 )
-from dlmuse_bids.nnunet.predictor import InferenceOptions, Predictor
+from dlmuse_bids.nnunet.predictor import Predictor
+from dlmuse_bids.settings import InferenceOptions
 from tests.support.paths import DLICV_DATASET, DLMUSE_DATASET, TRAINED_MODEL_SUBDIR
 
 

@@ -1,4 +1,4 @@
-"""Rules of the package's shape: who may touch the process environment."""
+"""Rules of the package's shape: who may touch the process environment, what the CLI does."""
 
 from __future__ import annotations
 
@@ -37,6 +37,36 @@ def test_only_the_command_lines_read_the_environment():
         if "cli" not in path.relative_to(PACKAGE).parts and (uses := _environ_uses(path))
     }
     assert offenders == {}, "pass an env mapping from the command line instead"
+
+
+def test_the_command_lines_import_neither_torch_nor_nipype():
+    """cli/ parses, builds settings, calls the runner and prints: --help needs no heavy import."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import dlmuse_bids.cli.bids_app, dlmuse_bids.cli.dlmuse, dlmuse_bids.cli.brainlife\n"
+        "import dlmuse_bids.cli.participant, dlmuse_bids.cli.group_level\n"
+        "print(sorted({'torch', 'nipype'} & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+#: functions of cli/ that only declare arguments (exempt from the length rule)
+PARSER_BUILDERS = {"build_parser", "build_dlmuse_parser", "add_models_parser"}
+
+
+def test_no_long_functions_in_the_command_lines():
+    long = {}
+    for path in sorted((PACKAGE / "cli").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.FunctionDef) or node.name in PARSER_BUILDERS:
+                continue
+            if (n := node.end_lineno - node.lineno + 1) > 50:
+                long[f"{path.name}:{node.name}"] = n
+    assert long == {}, "move the work into dlmuse_bids.runner"
 
 
 def _environ_writes(path: Path) -> list[int]:

@@ -13,7 +13,6 @@ from scipy import ndimage
 from dlmuse_bids.io import load_t1w
 from dlmuse_bids.labels import class_to_muse_lut, single_roi_ids, volume_roi_members
 from dlmuse_bids.models import find_model, load_trained_model
-from dlmuse_bids.nnunet.predictor import InferenceOptions
 from dlmuse_bids.pipeline import (
     MIN_ICV_COMPONENT_VOXELS,
     DLMUSEPipeline,
@@ -23,6 +22,7 @@ from dlmuse_bids.pipeline import (
     select_icv_component,
     to_reference_orientation,
 )
+from dlmuse_bids.settings import InferenceOptions
 from tests.conftest import synthetic_head
 
 
@@ -180,7 +180,7 @@ def test_orientation_round_trip(perm, flips):
 
 @pytest.fixture(scope="module")
 def tiny_pipeline(tiny_models):
-    opts = InferenceOptions(threads=2, use_mirroring=False)
+    opts = InferenceOptions(num_threads=2, use_mirroring=False)
     dirs = [tiny_models]
     return DLMUSEPipeline(
         load_trained_model(find_model("DLICV", dirs)).predictor(opts),

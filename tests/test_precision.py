@@ -2,37 +2,46 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from dlmuse_bids.cli.bids_app import build_parser, make_settings
-from dlmuse_bids.cli.common import PRECISION_CHOICES, speed_settings
-from dlmuse_bids.cli.participant import _precision_label
 from dlmuse_bids.models import find_model, load_trained_model
-from dlmuse_bids.nnunet.predictor import (
-    PRECISIONS,
-    InferenceOptions,
-    cpu_has_fast_bf16,
-    resolve_precision,
-)
+from dlmuse_bids.nnunet.predictor import resolve_precision
 from dlmuse_bids.nnunet.sliding_window import _add_flipped, predict_tile
+from dlmuse_bids.runner import precision_label
+from dlmuse_bids.settings import InferenceOptions
 from tests.conftest import needs_shared
 from tests.support.bids import subsampled
 
 
-def test_precision_choices_agree():
-    assert PRECISION_CHOICES == PRECISIONS
+def _cpu_flags_say_bf16() -> bool:
+    """What the kernel says of this CPU (not what torch says): native bf16 matmul units."""
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    flags = next(
+        (ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []
+    )
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+NATIVE_BF16 = _cpu_flags_say_bf16()
 
 
 def test_resolve_precision():
     assert resolve_precision("auto", "cpu") == "fp32"
     assert resolve_precision("auto", "cuda") == "fp16"
     assert resolve_precision("bf16", "cpu") == "bf16"
+    assert resolve_precision("fast", "cuda") == "fp16"
+    assert resolve_precision("fast", "cpu") == ("bf16" if NATIVE_BF16 else "fp32")
     with pytest.raises(ValueError, match="precision"):
         resolve_precision("int8", "cpu")
-    assert InferenceOptions(precision="auto").autocast_dtype() is None
-    assert InferenceOptions(precision="bf16").autocast_dtype() == torch.bfloat16
+    with pytest.raises(ValueError, match="precision"):
+        InferenceOptions(precision="int8")
+    with pytest.raises(ValueError, match="step"):
+        InferenceOptions(tile_step_size=0)
 
 
 def test_chunked_flip_sum_is_the_plain_flip_sum():
@@ -57,23 +66,34 @@ def test_bf16_mirror_average_is_accumulated_in_fp32():
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
-        ([], ("auto", False, True)),
-        (["--no-tta"], ("auto", False, False)),
-        (["--precision", "bf16"], ("bf16", False, True)),
-        (["--fast", "--precision", "fp32"], ("fp32", True, False)),
+        ([], ("auto", 0.5, True, False)),
+        (["--no-tta"], ("auto", 0.5, False, False)),
+        (["--precision", "bf16", "--step-size", "0.25"], ("bf16", 0.25, True, False)),
+        (["--fast"], ("fast", 0.5, False, True)),
+        (["--fast", "--precision", "fp32"], ("fp32", 0.5, False, True)),
     ],
 )
-def test_speed_settings(argv, expected):
-    args = build_parser().parse_args(["/in", "/out", "participant", *argv])
-    assert speed_settings(args, "cpu") == expected
+def test_the_options_reach_the_settings_whole(tmp_path, argv, expected):
+    (tmp_path / "in").mkdir()
+    args = build_parser().parse_args([str(tmp_path / "in"), "/out", "participant", *argv])
+    options = make_settings(args, {}).inference
+    assert (
+        options.precision,
+        options.tile_step_size,
+        options.use_mirroring,
+        options.channels_last,
+    ) == expected
 
 
-def test_fast_uses_bf16_only_where_the_cpu_has_it():
-    args = build_parser().parse_args(["/in", "/out", "participant", "--fast"])
-    precision, channels_last, tta = speed_settings(args, "cpu")
-    assert precision == ("bf16" if cpu_has_fast_bf16() else "fp32")
-    assert channels_last and not tta
-    assert speed_settings(args, "cuda")[0] == "auto"  # fp16 autocast on a GPU
+def test_a_bad_step_size_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["/in", "/out", "participant", "--step-size", "1.5"])
+    assert exc.value.code == 64
+    assert "step size must be in (0, 1]" in capsys.readouterr().err
+
+
+def args_of(tmp_path):
+    return [str(tmp_path / "in"), str(tmp_path / "out"), "participant"]
 
 
 def test_the_sidecar_label_of_the_settings(tmp_path):
@@ -82,8 +102,11 @@ def test_the_sidecar_label_of_the_settings(tmp_path):
         [str(tmp_path / "in"), str(tmp_path / "out"), "participant", "--fast", "--device", "cpu"]
     )
     settings = make_settings(args, {})
-    expected = "bf16" if cpu_has_fast_bf16() else "fp32"
-    assert _precision_label(settings) == f"{expected}, channels-last"
+    expected = "bf16" if NATIVE_BF16 else "fp32"
+    assert precision_label(settings.inference) == f"{expected}, channels-last"
+    # a GPU-less machine resolves auto to the CPU, where --fast means the same
+    auto = make_settings(build_parser().parse_args([*args_of(tmp_path), "--fast"]), {})
+    assert precision_label(auto.inference) == f"{expected}, channels-last"
 
 
 @needs_shared
@@ -95,7 +118,7 @@ def test_faster_arithmetic_keeps_the_answer(tiny_models):
     model = load_trained_model(find_model("DLICV", [tiny_models]))
 
     def labels(**options):
-        opts = InferenceOptions(threads=2, use_mirroring=False, **options)
+        opts = InferenceOptions(num_threads=2, use_mirroring=False, **options)
         return model.predictor(opts).predict(data, zooms)
 
     exact = labels()

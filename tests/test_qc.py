@@ -77,3 +77,13 @@ def test_every_flag_is_explained():
         assert len(qc.explain(rule.flag)) > 40
     with pytest.raises(KeyError):
         qc.explain("no-such-flag")
+
+
+def test_template_rules():
+    row = {"template_rotation_deg": 29.0, "icv_etiv_ratio": 1.14, "template_ncc": 0.6}
+    assert qc.flags(row) == []
+    row = {"template_rotation_deg": 31.0, "icv_etiv_ratio": 0.8, "template_ncc": 0.3}
+    assert qc.flags(row) == ["template-rotation", "etiv-mismatch", "template-misfit"]
+    skipped = qc.template_columns({"skipped": "no template"}, 1.4)
+    assert skipped["template_check"] == "skipped: no template"
+    assert qc.flags(skipped) == []

@@ -405,7 +405,7 @@ LOSSLESS = {
 
 
 def _reoriented(img, perm, flips):
-    from tests.test_cli import _reoriented as reorient
+    from tests.support.geometry import reoriented as reorient
 
     out = reorient(img, perm, flips)
     out.set_data_dtype(img.get_data_dtype())
@@ -431,7 +431,7 @@ def variants_run(tiny_models, tmp_path_factory):
 
 @pytest.mark.parametrize("label", list(LOSSLESS))
 def test_lossless_variants_give_the_plain_labels(variants_run, label):
-    from tests.test_cli import _world_labels
+    from tests.support.geometry import world_labels
 
     assert variants_run["code"] == 0
     out, sources = variants_run["out"], variants_run["sources"]
@@ -444,7 +444,7 @@ def test_lossless_variants_give_the_plain_labels(variants_run, label):
     if label == "oblique4d":  # same voxels, other placement: the same labels voxel for voxel
         same = np.asarray(variant.dataobj)
     else:
-        same = _world_labels(paths["dseg"], reference)
+        same = world_labels(paths["dseg"], reference)
     assert np.array_equal(same, np.asarray(reference.dataobj))
     plain_vol = pd.read_csv(plain_paths["volumes"], sep="\t")
     vol = pd.read_csv(paths["volumes"], sep="\t")
@@ -542,10 +542,10 @@ def icv_of(tiny_models):
     everywhere, so only the ICV can be compared; it is also what DLMUSE's crop follows.
     """
     from dlmuse_bids.models import find_model, load_trained_model
-    from dlmuse_bids.nnunet.predictor import InferenceOptions
     from dlmuse_bids.pipeline import lps_zooms, mask_and_crop, to_native, to_reference_orientation
+    from dlmuse_bids.settings import InferenceOptions
 
-    options = InferenceOptions(threads=1, use_mirroring=False)
+    options = InferenceOptions(num_threads=1, use_mirroring=False)
     dlicv = load_trained_model(find_model("DLICV", [tiny_models])).predictor(options)
 
     def icv(img: nib.Nifti1Image) -> nib.Nifti1Image:
@@ -562,7 +562,7 @@ def _icv_against_plain(icv_of, tmp_path: Path, label: str, variant) -> tuple[flo
     """ICV Dice and volume ratio of ``variant`` against the plain 1 mm scan, in physical space,
     and the fraction of the plain ICV that the variant's ICV covers."""
     from dlmuse_bids.io import load_t1w
-    from tests.test_cli import _world_labels
+    from tests.support.geometry import world_labels
 
     plain = _plain(step=1)
     for name, img in (("plain", plain), (label, variant(plain))):
@@ -573,7 +573,7 @@ def _icv_against_plain(icv_of, tmp_path: Path, label: str, variant) -> tuple[flo
         nib.save(mask, tmp_path / f"{name}_mask.nii.gz")
     reference = nib.load(tmp_path / "plain_mask.nii.gz")
     ref = np.asarray(reference.dataobj) > 0
-    here = _world_labels(tmp_path / f"{label}_mask.nii.gz", reference) > 0
+    here = world_labels(tmp_path / f"{label}_mask.nii.gz", reference) > 0
     dice = 2 * (ref & here).sum() / (ref.sum() + here.sum())
     variant_mask = nib.load(tmp_path / f"{label}_mask.nii.gz")
     voxel = float(np.prod(variant_mask.header.get_zooms()[:3]))

@@ -208,7 +208,6 @@ def test_build_models_dir_layout(tmp_path: Path) -> None:
         ).is_file()
 
 
-@pytest.mark.slow
 def test_guided_dlicv_on_real_scan(tmp_path: Path) -> None:
     pytest.importorskip("nnunetv2")
     scan = _require(REAL_T1W)

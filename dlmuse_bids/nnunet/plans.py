@@ -66,7 +66,6 @@ class ModelConfig:
     architecture: ArchitectureSpec
     num_input_channels: int
     labels: dict[str, int] = field(hash=False)
-    file_ending: str = ".nii.gz"
 
     @property
     def num_classes(self) -> int:
@@ -226,7 +225,6 @@ def parse_plans(plans: dict, dataset: dict, configuration: str = "3d_fullres") -
         if "channel_names" in dataset
         else len(dataset["modality"]),
         labels=labels,
-        file_ending=dataset.get("file_ending", ".nii.gz"),
     )
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..settings import PRECISIONS, InferenceOptions
 from .network import build_network
 from .plans import ModelConfig
 from .preprocessing import (
@@ -32,17 +33,30 @@ from .sliding_window import sliding_window_logits, tile_slicers
 logger = logging.getLogger(__name__)
 
 
-#: Arithmetic of the networks: ``auto`` is nnU-Net's (fp32 on the CPU, fp16 autocast on CUDA).
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when this process sees a GPU, else ``cpu``; others unchanged."""
+    if device != "auto":
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def resolve_precision(precision: str, device_type: str) -> str:
-    """``auto`` -> ``fp16`` on CUDA, ``fp32`` elsewhere; other values unchanged."""
+    """The arithmetic ``precision`` (:data:`~dlmuse_bids.settings.PRECISIONS`) means on a device.
+
+    ``auto`` -> ``fp16`` on CUDA, ``fp32`` elsewhere; ``fast`` -> ``fp16`` on CUDA, ``bf16`` on a
+    CPU with native bf16, else ``fp32``; other values unchanged.
+    """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     if precision == "auto":
         return "fp16" if device_type == "cuda" else "fp32"
+    if precision == "fast":
+        if device_type == "cuda":
+            return "fp16"
+        return "bf16" if device_type == "cpu" and cpu_has_fast_bf16() else "fp32"
     return precision
 
 
@@ -54,36 +68,12 @@ def cpu_has_fast_bf16() -> bool:
         return False
 
 
-@dataclass(frozen=True)
-class InferenceOptions:
-    """How to run a model: these never change the model, only how it is evaluated.
-
-    ``precision`` other than fp32 runs the network under autocast (its weights stay fp32);
-    ``channels_last`` uses the channels-last 3-D memory layout (faster oneDNN kernels on some
-    CPUs). Both change results slightly: exact mode is fp32, contiguous.
-    """
-
-    device: str = "cpu"
-    threads: int | None = None
-    tile_step_size: float = 0.5
-    use_mirroring: bool = True
-    precision: str = "auto"
-    channels_last: bool = False
-
-    def resolved_precision(self) -> str:
-        """The arithmetic actually used on this device (see :func:`resolve_precision`)."""
-        return resolve_precision(self.precision, torch.device(self.device).type)
-
-    def autocast_dtype(self) -> torch.dtype | None:
-        """The autocast dtype, or None for plain fp32."""
-        return _AUTOCAST_DTYPES.get(self.resolved_precision())
-
-    def torch_device(self) -> torch.device:
-        """The torch device, checked for availability."""
-        dev = torch.device(self.device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("device 'cuda' was requested but no CUDA GPU is available")
-        return dev
+def torch_device(device: str) -> torch.device:
+    """The torch device of an :attr:`InferenceOptions.device`, checked for availability."""
+    dev = torch.device(resolve_device(device))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was requested but no CUDA GPU is available")
+    return dev
 
 
 @dataclass
@@ -137,7 +127,8 @@ class Predictor:
             raise ValueError("at least one fold's weights are needed")
         self.config = config
         self.options = options
-        self.device = options.torch_device()
+        self.device = torch_device(options.device)
+        self.precision = resolve_precision(options.precision, self.device.type)
         self.mirror_axes = tuple(mirror_axes) if (mirror_axes and options.use_mirroring) else None
         self.fold_weights = list(fold_weights)
         self.network = build_network(
@@ -216,7 +207,7 @@ class Predictor:
                 mirror_axes=self.mirror_axes,
                 device=self.device,
                 results_device=self.device,
-                autocast_dtype=self.options.autocast_dtype(),
+                autocast_dtype=_AUTOCAST_DTYPES.get(self.precision),
                 channels_last=self.options.channels_last,
             ).to("cpu")
             if result is None:
@@ -265,7 +256,7 @@ class Predictor:
         if image.ndim != 3:
             raise ValueError(f"expected a 3-D image, got shape {image.shape}")
         info = info if info is not None else PredictionInfo()
-        with torch_threads(self.options.threads):
+        with torch_threads(self.options.num_threads):
             t0 = time.perf_counter()
             data, props = self.preprocess(image, zooms)
             t1 = time.perf_counter()

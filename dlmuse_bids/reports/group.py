@@ -15,6 +15,7 @@ import pandas as pd
 
 from ..bids import report_path
 from ..group import GROUP_DIR, roi_columns
+from ..labels import ICV_ID
 from .figures import scatter_panels
 from .subject import KEY_VOLUMES, STYLE, relative_url, write_if_changed
 
@@ -69,7 +70,7 @@ def _figures(ok, columns, flagged, out_dir: Path) -> list[tuple[str, Path]]:
     figures.append(("Key volumes, one point per image (red: flagged)", path))
     icv_tbv = {
         "title": "Total brain against ICV",
-        "x": ok[columns[702]].astype(float) / 1000.0,
+        "x": ok[columns[ICV_ID]].astype(float) / 1000.0,
         "y": ok[columns[701]].astype(float) / 1000.0,
         "flagged": flagged,
         "xlabel": "ICV (mL)",

@@ -17,6 +17,7 @@ import pandas as pd
 from ..bids import LOGS_DIR, crash_log_glob, figure_paths, output_paths, report_path
 from ..group import image_status
 from ..io import write_bytes_atomic
+from ..labels import ICV_ID
 from ..qc import explain
 from .figures import mosaic
 
@@ -24,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 #: Volumes shown in the report: (MUSE id, label). Lobes are the bilateral GM+WM composites.
 KEY_VOLUMES: tuple[tuple[int, str], ...] = (
-    (702, "Intracranial volume (ICV)"),
+    (ICV_ID, "Intracranial volume (ICV)"),
     (701, "Total brain"),
     (601, "Grey matter"),
     (604, "White matter"),
@@ -76,7 +77,7 @@ def _read_row(path: Path) -> dict[str, Any]:
 def _volumes_table(volumes_file: Path) -> str:
     table = pd.read_csv(volumes_file, sep="\t", na_values="n/a")
     volumes = dict(zip(table["index"].astype(int), table["volume_mm3"], strict=True))
-    icv = float(volumes.get(702, float("nan")))
+    icv = float(volumes.get(ICV_ID, float("nan")))
     rows = []
     for roi, label in KEY_VOLUMES:
         mm3 = float(volumes.get(roi, float("nan")))

@@ -1,0 +1,234 @@
+"""Running the participant workflow with nipype: its config, progress lines and crash files.
+
+What nipype needs besides the graph (:mod:`dlmuse_bids.workflows`): a config its worker
+processes read, a status callback that says when each image is done, and the crash files it
+leaves, moved to the derivative dataset's ``logs/`` under their image's name.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+from .bids import LOGS_DIR, crash_log_name
+from .io import write_bytes_atomic
+from .settings import GRAPH_PLUGINS, SLURM_PLUGINS, BIDSAppSettings
+
+logger = logging.getLogger(__name__)
+
+#: The file name nipype reads from ``$NIPYPE_CONFIG_DIR``.
+NIPYPE_CONFIG = "nipype.cfg"
+#: nipype's loggers, set from ``-v`` (:func:`nipype_log_level`).
+NIPYPE_LOGGERS = ("nipype.workflow", "nipype.interface", "nipype.utils")
+
+
+def nipype_log_level(verbosity: int) -> str:
+    """nipype's log level for a ``-v`` count.
+
+    By default nipype says nothing: a failing node's traceback goes to its crash file and the
+    run's summary gives the one-line reason. ``-v`` shows its warnings and errors, ``-vv`` every
+    node, ``-vvv`` debug output.
+    """
+    return ("CRITICAL", "WARNING", "INFO")[verbosity] if verbosity < 3 else "DEBUG"
+
+
+def configure_nipype_logging(verbosity: int) -> None:
+    """Set nipype's loggers in this process (it sets their levels itself when imported)."""
+    import nipype  # noqa: F401 - importing nipype sets its loggers' levels; then we do
+
+    for name in NIPYPE_LOGGERS:
+        nipype_logger = logging.getLogger(name)
+        nipype_logger.setLevel(nipype_log_level(verbosity))
+        nipype_logger.propagate = False  # nipype has its own handler; avoid every line twice
+
+
+def write_nipype_config(work_dir: Path, verbosity: int) -> Path:
+    """A nipype config with our log levels, under ``work_dir``; its folder.
+
+    Workers import nipype afresh and read ``$NIPYPE_CONFIG_DIR/nipype.cfg``; without it they
+    would log every node at INFO whatever ``-v`` says. The command line points
+    ``NIPYPE_CONFIG_DIR`` here for the time of the run.
+    """
+    level = nipype_log_level(verbosity)
+    config_dir = work_dir / "nipype-config"
+    config_dir.mkdir(parents=True, exist_ok=True)
+    (config_dir / NIPYPE_CONFIG).write_text(
+        "[logging]\n"
+        f"workflow_level = {level}\ninterface_level = {level}\nutils_level = {level}\n"
+        "[execution]\ncheck_version = false\n"
+    )
+    return config_dir
+
+
+@dataclass
+class Progress:
+    """nipype status callback: a line per image as it finishes, a bar on a terminal."""
+
+    images: dict[str, Path]  # sub-workflow name -> T1w
+    stream: TextIO = field(default_factory=lambda: sys.stderr)
+    sinks: tuple[str, ...] = ()  # the sinks of each image (workflows.sink_nodes); () = default
+    started: dict[str, float] = field(default_factory=dict)
+    sinks_done: dict[str, set] = field(default_factory=dict)
+    finished: dict[str, str] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def _image(self, node) -> str | None:
+        for part in node.fullname.split("."):
+            if part in self.images:
+                return part
+        return None
+
+    def __call__(self, node, status: str) -> None:
+        from .workflows import SINK_NODES
+
+        sinks = self.sinks or SINK_NODES
+        wf = self._image(node)
+        if wf is None:
+            return
+        with self.lock:
+            self.started.setdefault(wf, time.monotonic())
+            if wf in self.finished:
+                return
+            if status == "exception":
+                self._finish(wf, "failed")
+            elif status == "end" and node.name in sinks:
+                self.sinks_done.setdefault(wf, set()).add(node.name)
+                if len(self.sinks_done[wf]) == len(sinks):
+                    self._finish(wf, "done")
+
+    def _finish(self, wf: str, what: str) -> None:
+        self.finished[wf] = what
+        seconds = time.monotonic() - self.started[wf]
+        n, total = len(self.finished), len(self.images)
+        line = f"[{n}/{total}] {self.images[wf].name}: {what} in {seconds:.0f} s"
+        if self.stream.isatty():  # the line above a bar that is redrawn in place
+            filled = round(30 * n / total)
+            bar = "#" * filled + "-" * (30 - filled)
+            self.stream.write(f"\r\033[K{line}\n[{bar}] {n}/{total} images")
+            if n == total:
+                self.stream.write("\n")
+        else:
+            print(line, file=self.stream)
+        self.stream.flush()
+
+
+@dataclass(frozen=True)
+class Crash:
+    """One image's first crash: its reason, and its copy in ``logs/`` (None if not written)."""
+
+    reason: str
+    file: Path | None
+
+
+def crash_reason(text: str) -> str:
+    """The exception line of a crash file's traceback."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for line in reversed(lines):
+        if ":" in line and not line.startswith(("File ", "^", "~")):
+            name, _, message = line.partition(":")
+            if name.replace(".", "").replace("_", "").isalnum():
+                return message.strip() or name
+    return lines[-1] if lines else "failed"
+
+
+def collect_crashes(crash_dir: Path, images: dict[str, Path], logs: Path) -> dict[Path, Crash]:
+    """Move nipype's crash files to ``logs/``, named after their image; source -> first crash.
+
+    A crash file that cannot be written to ``logs/`` (a full disk) is logged, not fatal: the
+    reason still reaches the summary.
+    """
+    found: dict[Path, Crash] = {}
+    if not crash_dir.is_dir():
+        return found
+    for crash in sorted(crash_dir.glob("crash-*.txt")):
+        text = crash.read_text(encoding="utf-8", errors="replace")
+        first = text.splitlines()[0] if text else ""
+        parts = first.removeprefix("Node: ").split(".")
+        wf = next((p for p in parts if p in images), None)
+        if wf is None:
+            continue
+        source = images[wf]
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(crash.stat().st_mtime))
+        target = logs / crash_log_name(source, parts[-1], stamp)
+        n = 1
+        while target.exists():
+            n += 1
+            target = logs / crash_log_name(source, f"{parts[-1]}{n}", stamp)
+        try:
+            logs.mkdir(parents=True, exist_ok=True)
+            write_bytes_atomic(target, text.encode("utf-8"))
+        except OSError as exc:
+            logger.error("%s: crash file not written (%s)", target, exc.strerror or exc)
+            written = None
+        else:
+            written = target
+        crash.unlink()
+        found.setdefault(source, Crash(crash_reason(text), written))
+    return found
+
+
+def _plugin_args(settings: BIDSAppSettings, images: dict[str, Path], wf) -> dict:
+    from .workflows import sink_nodes
+
+    plugin_args: dict = {}
+    if settings.plugin not in GRAPH_PLUGINS:  # they cannot report progress
+        plugin_args["status_callback"] = Progress(
+            images, sinks=sink_nodes(settings.template is not None)
+        )
+    if settings.plugin in ("MultiProc", "LegacyMultiProc"):
+        # forkserver: workers never inherit a torch state from this process (as fMRIPrep)
+        plugin_args.update(
+            n_procs=settings.nprocs, mp_context="forkserver", raise_insufficient=False
+        )
+        # nipype sleeps this long after every scheduling pass: its 2 s default idles an image's
+        # chain of nodes for seconds; a local pass costs microseconds (schedulers' plugins keep
+        # the default, each pass asks squeue/qstat about every job)
+        wf.config["execution"]["poll_sleep_duration"] = 0.1
+    plugin_args.update(settings.plugin_args)
+    return plugin_args
+
+
+def run_workflow(wf, images: dict[str, Path], settings: BIDSAppSettings) -> dict[Path, Crash]:
+    """Run the participant workflow ``wf`` in ``settings.work_dir``; its crashes, by source.
+
+    ``images`` maps each image's sub-workflow name to its T1w. With a graph plugin the jobs
+    run after this returns and crash under nipype's own names in ``logs/``: nothing to collect.
+    """
+    from .workflows import request_slurm_resources
+
+    work_dir = settings.work_dir
+    if work_dir is None:
+        raise ValueError("the participant workflow needs a work directory")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    graph = settings.plugin in GRAPH_PLUGINS
+    logs = settings.output_dir / LOGS_DIR
+    crash_dir = logs if graph else Path(tempfile.mkdtemp(prefix="crash-", dir=work_dir))
+    wf.base_dir = str(work_dir)
+    if settings.plugin in SLURM_PLUGINS:
+        user_args = str(settings.plugin_args.get("sbatch_args", ""))
+        request_slurm_resources(wf, user_args, every_node=graph)
+    wf.config["execution"].update(
+        {
+            "crashdump_dir": str(crash_dir),
+            "crashfile_format": "txt",
+            "stop_on_first_crash": settings.stop_on_first_crash,
+            "remove_unnecessary_outputs": False,
+        }
+    )
+    try:
+        wf.run(plugin=settings.plugin, plugin_args=_plugin_args(settings, images, wf))
+    except RuntimeError as exc:  # nipype: "Workflow did not execute cleanly"
+        logger.info("workflow reported failures: %s", str(exc).splitlines()[0])
+    if graph:
+        return {}
+    try:
+        return collect_crashes(crash_dir, images, logs)
+    finally:
+        shutil.rmtree(crash_dir, ignore_errors=True)

@@ -1,0 +1,159 @@
+"""What every run shares: the plan, the outcomes, the report, provenance and models."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..bids import BIDSError, Provenance
+from ..io import unwritable
+from ..models import ModelError
+from ..settings import (
+    InferenceOptions,
+    ModelInfo,
+)
+
+logger = logging.getLogger(__name__)
+
+Say = Callable[[str], None]
+
+
+class OutputError(Exception):
+    """The outputs cannot be written (EX_CANTCREAT); the message names the place and why."""
+
+    exit_code = 73
+
+
+#: What stops a whole run: each has a one-line message and the ``exit_code`` to exit with.
+RUN_ERRORS = (BIDSError, ModelError, OutputError)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one T1w image."""
+
+    source: Path
+    status: str  # "processed", "skipped" or "failed"
+    message: str = ""
+    crash_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The images to run, and the outcomes known before running (skipped, or refused)."""
+
+    todo: tuple[Path, ...]
+    known: tuple[Outcome, ...]
+
+
+def plan_images(
+    sources: Iterable[Path],
+    output_key: Callable[[Path], Any],
+    is_current: Callable[[Path], bool],
+    overwrite: bool,
+    clash_hint: str,
+) -> Plan:
+    """Decide, for each source in order, to run it, skip it or refuse it.
+
+    An image whose ``output_key`` (what names its outputs) was taken by an earlier one is
+    refused with ``clash_hint``; one whose outputs are current (``is_current``: present with
+    this run's provenance) is skipped unless ``overwrite``.
+    """
+    todo: list[Path] = []
+    known: list[Outcome] = []
+    owners: dict[Any, Path] = {}
+    for source in sources:
+        key = output_key(source)
+        if key in owners:
+            msg = f"{source}: same output names as {owners[key]}; {clash_hint}"
+            known.append(Outcome(source, "failed", msg))
+            continue
+        owners[key] = source
+        if not overwrite and is_current(source):
+            known.append(Outcome(source, "skipped", "outputs exist with the same provenance"))
+        else:
+            todo.append(source)
+    return Plan(tuple(todo), tuple(known))
+
+
+@dataclass(frozen=True)
+class RunReport:
+    """The outcome of every image of a run, and how long the run took."""
+
+    outcomes: tuple[Outcome, ...]
+    seconds: float
+    submitted: int = 0  # images handed to a scheduler that runs them after we return
+    plugin: str = ""  # the nipype plugin they were submitted with
+
+    def count(self, status: str) -> int:
+        """How many images ended with ``status``."""
+        return sum(o.status == status for o in self.outcomes)
+
+    @property
+    def failed(self) -> bool:
+        """Whether any image failed."""
+        return self.count("failed") > 0
+
+    def summary(self) -> list[str]:
+        """The closing lines: the counts, then one line per failed image."""
+        if self.submitted:
+            lines = [
+                f"{self.submitted} image(s) submitted with {self.plugin}; run this command again "
+                "when the jobs are done to check them (finished images are skipped)"
+            ]
+        else:
+            lines = [
+                f"{self.count('processed')} processed, {self.count('skipped')} skipped (outputs "
+                f"up to date), {self.count('failed')} failed, in {self.seconds:.0f} s"
+            ]
+        for o in self.outcomes:
+            if o.status == "failed":
+                where = f" [crash file: {o.crash_file}]" if o.crash_file else ""
+                lines.append(f"failed: {o.source}: {o.message}{where}")
+        return lines
+
+
+def require_writable(directory: Path) -> None:
+    """Create ``directory`` if needed; raise :class:`OutputError` if it cannot take outputs."""
+    problem = unwritable(directory)
+    if problem:
+        raise OutputError(f"{directory}: {problem}")
+
+
+# -- models and provenance --------------------------------------------------------------------
+def precision_label(inference: InferenceOptions) -> str:
+    """The arithmetic the networks will use, as the sidecars record it (e.g. ``bf16``)."""
+    from ..nnunet.predictor import resolve_device, resolve_precision
+
+    label = resolve_precision(inference.precision, resolve_device(inference.device))
+    return f"{label}, channels-last" if inference.channels_last else label
+
+
+def provenance(
+    version: str,
+    inference: InferenceOptions,
+    models: Mapping[str, ModelInfo],
+    template: str | None = None,
+    t1w_volume: int | None = None,
+) -> Provenance:
+    """What outputs must share with this run to be kept (:meth:`Provenance.matches`)."""
+    return Provenance(
+        version=version,
+        tta=inference.use_mirroring,
+        step_size=inference.tile_step_size,
+        models={key: info.provenance() for key, info in models.items()},
+        template=template,
+        precision=precision_label(inference),
+        t1w_volume=t1w_volume,
+    )
+
+
+def model_folders(sources, say: Say, progress) -> dict[str, Path]:
+    from ..fetch import ensure_models
+    from ..models import find_model
+
+    dirs = ensure_models(sources, progress=progress, say=say)
+    return {key: find_model(key, dirs) for key in ("DLICV", "DLMUSE")}

@@ -1,0 +1,221 @@
+"""``dlmuse run`` and ``dlmuse predict``: T1w files segmented in this process."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from pathlib import Path
+
+from ..bids import Provenance
+from ..io import InputImageError, load_t1w, nifti_stem
+from ..models import ModelError
+from ..settings import (
+    InferenceOptions,
+    NiftiRunSettings,
+)
+from .core import (
+    Outcome,
+    OutputError,
+    RunReport,
+    Say,
+    model_folders,
+    plan_images,
+    provenance,
+    require_writable,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Where a ``dlmuse run`` keeps the provenance of each image's outputs, beside its label map.
+NIFTI_SIDECAR = "_DLMUSE.json"
+
+
+def nifti_outputs(output_dir: Path, source: Path) -> dict[str, Path]:
+    """What ``dlmuse run`` writes for ``source``: NiChart's three files and the provenance."""
+    name = nifti_stem(source)
+    return {
+        "icv": output_dir / f"{name}_DLICV.nii.gz",
+        "dseg": output_dir / f"{name}_DLMUSE.nii.gz",
+        "volumes": output_dir / f"{name}_DLMUSE_Volumes.csv",
+        "provenance": output_dir / f"{name}{NIFTI_SIDECAR}",
+    }
+
+
+def _nifti_current(output_dir: Path, source: Path, prov: Provenance) -> bool:
+    import json
+
+    paths = nifti_outputs(output_dir, source)
+    if not all(p.is_file() for p in paths.values()):
+        return False
+    try:
+        sidecar = json.loads(paths["provenance"].read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(sidecar, dict) and prov.matches(sidecar)
+
+
+def _write_nifti_outputs(result, row: dict, paths: dict[str, Path], meta: dict) -> None:
+    from ..bids import write_json_atomic
+    from ..io import save_nifti_atomic
+    from ..labels import write_nichart_csv
+
+    save_nifti_atomic(result.icv_mask, paths["icv"])
+    save_nifti_atomic(result.labels, paths["dseg"])
+    write_nichart_csv([row], paths["volumes"])
+    write_json_atomic(paths["provenance"], meta)  # last: it marks the outputs complete
+
+
+def _failed_write(writes: list[tuple[Path, Future]], output_dir: Path) -> OutputError | None:
+    """The error of the first finished write that failed (OSError), if any.
+
+    Finished writes are removed from ``writes``, so each is looked at once.
+    """
+    for path, future in [w for w in writes if w[1].done()]:
+        writes.remove((path, future))
+        exc = future.exception()
+        if isinstance(exc, OSError):
+            why = exc.strerror or exc
+            return OutputError(f"{output_dir}: cannot write outputs of {path} ({why})")
+        if exc is not None:
+            raise exc
+    return None
+
+
+def _segmentation_failure(source: Path, exc: Exception) -> str:
+    if isinstance(exc, InputImageError):
+        return str(exc).removeprefix(f"{source}: ")
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"segmentation failed ({type(exc).__name__}: {first})"
+
+
+def run_nifti(settings: NiftiRunSettings, say: Say, progress=None) -> RunReport:
+    """``dlmuse run``: segment each input in this process, in NiChart_DLMUSE's layout.
+
+    Images are read one ahead and written one behind on threads (decompression and gzip release
+    the GIL), so with the models resident the network is rarely idle. ``DLMUSE_Volumes.csv``
+    holds every image that has volumes, in input order.
+
+    Raises
+    ------
+    ModelError
+        A model is missing or unusable.
+    OutputError
+        The output folder cannot be written.
+    """
+    import pandas as pd
+
+    from ..labels import nichart_mrid, nichart_volumes_row, write_nichart_csv
+    from ..models import load_trained_model
+    from ..pipeline import DLMUSEPipeline
+
+    start = time.monotonic()
+    out = settings.output_dir
+    require_writable(out)
+    models = {
+        key: load_trained_model(folder)
+        for key, folder in model_folders(settings.models, say, progress).items()
+    }
+    for model in models.values():
+        logger.info("loaded %s (folds %s, sha256 %s)", model.folder, model.folds, model.sha256)
+    infos = {key: m.info(key) for key, m in models.items()}
+    prov = provenance(settings.version, settings.inference, infos)
+    try:
+        pipeline = DLMUSEPipeline(*(models[k].predictor(settings.inference) for k in infos))
+    except ValueError as exc:
+        raise ModelError(str(exc)) from exc
+
+    plan = plan_images(
+        settings.inputs,
+        lambda p: nifti_stem(p),
+        lambda p: _nifti_current(out, p, prov),
+        settings.overwrite,
+        "rename one of them",
+    )
+    outcomes = list(plan.known)
+    for o in plan.known:
+        if o.status == "failed":
+            say(o.message)
+    rows: dict[Path, dict] = {
+        o.source: pd.read_csv(nifti_outputs(out, o.source)["volumes"], dtype={"MRID": str})
+        .iloc[0]
+        .to_dict()
+        for o in plan.known
+        if o.status == "skipped"
+    }
+    todo = plan.todo
+    with (
+        ThreadPoolExecutor(1, thread_name_prefix="dlmuse-read") as reader,
+        ThreadPoolExecutor(1, thread_name_prefix="dlmuse-write") as writer,
+    ):
+        image = reader.submit(load_t1w, todo[0]) if todo else None
+        writes: list[tuple[Path, Future]] = []
+        for i, source in enumerate(todo):
+            current = image  # only the current and the next image are held
+            if i + 1 < len(todo):
+                image = reader.submit(load_t1w, todo[i + 1])
+            t0 = time.perf_counter()
+            try:
+                result = pipeline.run(current.result())
+            except Exception as exc:  # noqa: BLE001 - one image's failure must not stop the rest
+                logger.debug("%s: traceback", source, exc_info=True)
+                outcomes.append(Outcome(source, "failed", _segmentation_failure(source, exc)))
+                say(f"{source}: {outcomes[-1].message}")
+                continue
+            logger.info("%s: segmented in %.1f s", source, time.perf_counter() - t0)
+            failure = _failed_write(writes, out)
+            if failure:
+                raise failure
+            rows[source] = nichart_volumes_row(nichart_mrid(source), result.volumes)
+            meta = {"Sources": [str(source.absolute())], **prov.metadata()}
+            paths = nifti_outputs(out, source)
+            job = writer.submit(_write_nifti_outputs, result, rows[source], paths, meta)
+            writes.append((source, job))
+            outcomes.append(Outcome(source, "processed"))
+        wait([future for _, future in writes])
+        failure = _failed_write(writes, out)
+        if failure:
+            raise failure
+    if rows:
+        try:
+            write_nichart_csv(
+                [rows[p] for p in settings.inputs if p in rows], out / "DLMUSE_Volumes.csv"
+            )
+        except OSError as exc:
+            why = exc.strerror or exc
+            raise OutputError(f"{out}: cannot write DLMUSE_Volumes.csv ({why})") from exc
+    return RunReport(tuple(outcomes), time.monotonic() - start)
+
+
+def predict_image(
+    folder: Path,
+    folds: Sequence[int | str] | None,
+    source: Path,
+    output: Path,
+    options: InferenceOptions,
+) -> None:
+    """``dlmuse predict``: one model on one image with nnU-Net's semantics (no reorientation).
+
+    Raises
+    ------
+    ModelError
+        The model folder is missing or unusable.
+    InputImageError
+        The image cannot be used.
+    OutputError
+        ``output`` cannot be written.
+    """
+    from ..io import make_label_image, save_nifti_atomic
+    from ..models import load_trained_model
+
+    model = load_trained_model(folder, folds)
+    logger.info("loaded %s (folds %s, sha256 %s)", folder, model.folds, model.sha256)
+    predictor = model.predictor(options)
+    img = load_t1w(source)
+    labels = predictor.predict(img.get_fdata(dtype="float32"), img.header.get_zooms()[:3])
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        save_nifti_atomic(make_label_image(labels, img), output)
+    except OSError as exc:
+        raise OutputError(f"{output}: cannot write ({exc.strerror or exc})") from exc
