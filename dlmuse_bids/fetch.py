@@ -262,6 +262,30 @@ def verify_models(dest: Path, files: Sequence[RemoteFile] | None = None) -> list
     return found
 
 
+def fetch_official(
+    dest: Path,
+    endpoint: str | None = None,
+    revision: str = HF_REVISION,
+    progress: Progress | None = None,
+    say: Callable[[str], None] | None = None,
+) -> list[Path]:
+    """:func:`fetch_models` of both official models, telling ``say`` where and under what licence.
+
+    ``endpoint`` defaults to HuggingFace; ``say`` (default: a log warning) also hears when
+    another job's fetch into ``dest`` is being waited for. Returns the files downloaded.
+    """
+    say = say or logger.warning
+    say(f"fetching the DLICV and DLMUSE models into {dest}")
+    say(LICENCE_NOTICE)
+    return fetch_models(
+        dest,
+        endpoint=endpoint or HF_ENDPOINT,
+        revision=revision,
+        progress=progress,
+        wait_message=lambda: say(f"waiting for another job fetching into {dest}"),
+    )
+
+
 def ensure_models(
     sources: ModelSources,
     progress: Progress | None = None,
@@ -290,16 +314,8 @@ def ensure_models(
         raise ModelNotFoundError(
             f"{missing} Not downloading them: {sources.offline}.{sources.hint}"
         )
-    dest, say = sources.fetch_dir, say or logger.warning
-    say(f"fetching the DLICV and DLMUSE models into {dest}")
-    say(LICENCE_NOTICE)
     try:
-        fetch_models(
-            dest,
-            endpoint=sources.endpoint or HF_ENDPOINT,
-            progress=progress,
-            wait_message=lambda: say(f"waiting for another job fetching into {dest}"),
-        )
+        fetch_official(sources.fetch_dir, sources.endpoint, progress=progress, say=say)
     except (FetchError, OSError) as exc:
         raise ModelNotFoundError(f"{missing} Fetching them failed: {exc}") from exc
     return sources.search_dirs

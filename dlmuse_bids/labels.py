@@ -205,11 +205,12 @@ def single_roi_counts(label_map: np.ndarray) -> dict[int, int]:
 
 
 def roi_volumes(
-    label_map: np.ndarray, zooms: Sequence[float], counts: Mapping[int, int] | None = None
+    label_map: np.ndarray, zooms: Sequence[float]
 ) -> tuple[dict[int, float], dict[int, float]]:
     """The volumes (mm³) of a MUSE label map: every single ROI, and NiChart's 260 ROIs.
 
-    The one place volumes are computed (the pipeline, the volumes table and QC call it).
+    The one place volumes are computed (the pipeline, the volumes table and QC call it, the
+    table through :func:`volumes_from_counts`).
 
     Parameters
     ----------
@@ -218,8 +219,6 @@ def roi_volumes(
         Float arrays (``get_fdata()``) are accepted when all values are integers.
     zooms : sequence of float
         Voxel size in mm (see :func:`voxel_volume_mm3`).
-    counts : mapping of int to int, optional
-        :func:`single_roi_counts` of ``label_map``, when the caller has them already.
 
     Returns
     -------
@@ -232,8 +231,14 @@ def roi_volumes(
     ValueError
         If the map holds values that are neither background nor a single ROI id.
     """
+    return volumes_from_counts(single_roi_counts(label_map), zooms)
+
+
+def volumes_from_counts(
+    counts: Mapping[int, int], zooms: Sequence[float]
+) -> tuple[dict[int, float], dict[int, float]]:
+    """:func:`roi_volumes` from the :func:`single_roi_counts` of a label map."""
     scale = voxel_volume_mm3(zooms)
-    counts = single_roi_counts(label_map) if counts is None else counts
     single = {roi: n * scale for roi, n in counts.items()}
     return single, derived_roi_volumes(single)
 
@@ -341,7 +346,7 @@ def roi_volume_table(label_map: np.ndarray, zooms: Sequence[float]) -> pd.DataFr
         derived ROIs, which are sums of their members' volumes.
     """
     counts = single_roi_counts(label_map)
-    single, derived = roi_volumes(label_map, zooms, counts)
+    single, derived = volumes_from_counts(counts, zooms)
     table = _table().set_index("index")
     ids = list(single) + [roi for roi in derived if table.at[roi, "kind"] == "derived"]
     return pd.DataFrame(

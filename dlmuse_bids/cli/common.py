@@ -11,12 +11,8 @@ import sys
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ..settings import DEVICES, PRECISIONS, InferenceOptions
-
-if TYPE_CHECKING:
-    pass
 
 # BIDS-Apps / sysexits exit codes
 EXIT_OK = 0

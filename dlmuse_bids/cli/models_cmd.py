@@ -65,19 +65,15 @@ def fetch(
     dest: Path, env: Mapping[str, str], stream: TextIO | None = None, revision: str | None = None
 ) -> list[Path]:
     """``dlmuse models fetch``: both official models into ``dest`` (from $HF_ENDPOINT)."""
-    from ..fetch import HF_ENDPOINT, HF_REVISION, LICENCE_NOTICE, fetch_models
+    from ..fetch import HF_REVISION, fetch_official
 
     out = stream or sys.stderr
-    print(f"dlmuse: fetching the DLICV and DLMUSE models into {dest}", file=out)
-    print(f"dlmuse: {LICENCE_NOTICE}", file=out)
-    return fetch_models(
+    return fetch_official(
         dest,
-        endpoint=env.get("HF_ENDPOINT") or HF_ENDPOINT,
-        revision=revision or HF_REVISION,
+        env.get("HF_ENDPOINT"),
+        revision or HF_REVISION,
         progress=ProgressPrinter(out),
-        wait_message=lambda: print(
-            f"dlmuse: waiting for another job fetching into {dest}", file=out, flush=True
-        ),
+        say=lambda line: print(f"dlmuse: {line}", file=out, flush=True),
     )
 
 

@@ -11,10 +11,7 @@ from typing import Any
 from ..bids import BIDSError, Provenance
 from ..io import unwritable
 from ..models import ModelError
-from ..settings import (
-    InferenceOptions,
-    ModelInfo,
-)
+from ..settings import InferenceOptions, ModelInfo, ModelSources
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +148,8 @@ def provenance(
     )
 
 
-def model_folders(sources, say: Say, progress) -> dict[str, Path]:
+def model_folders(sources: ModelSources, say: Say, progress=None) -> dict[str, Path]:
+    """Both model folders, fetched first when missing and allowed (:func:`fetch.ensure_models`)."""
     from ..fetch import ensure_models
     from ..models import find_model
 
