@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.time_pipeline import cpu_model, full_width_models  # noqa: E402
 
-STAGES = ("load_models", "load", "reorient", "dlicv", "mask_crop", "dlmuse", "relabel_paste")
+STAGES = ("load_models", "load", "reorient", "dlicv", "mask_crop", "dlmuse", "paste")
 
 
 class NNUNetPredictor:

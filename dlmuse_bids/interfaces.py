@@ -348,6 +348,44 @@ class QCMeasures(SimpleInterface):
         return runtime
 
 
+class _MosaicInputSpec(BaseInterfaceInputSpec):
+    t1w = File(exists=True, mandatory=True, desc="the segmented T1w (ReorientToLPS's out_file)")
+    dseg = File(exists=True, mandatory=True, desc="the stored MUSE label map")
+    mask = File(exists=True, mandatory=True, desc="the stored ICV mask")
+
+
+class _MosaicOutputSpec(TraitedSpec):
+    out_file = File(desc="PNG mosaic (undefined if it could not be drawn)")
+
+
+class ReportMosaic(SimpleInterface):
+    """The subject report's mosaic (:func:`dlmuse_bids.reports.figures.mosaic`).
+
+    Drawn from the T1w the first node read, so the report never reads the source again. A
+    figure that cannot be drawn is logged, not a failure of the image: the report then draws
+    it or says why.
+    """
+
+    input_spec = _MosaicInputSpec
+    output_spec = _MosaicOutputSpec
+
+    def _run_interface(self, runtime):
+        from .reports.figures import mosaic
+
+        out = Path(runtime.cwd) / "mosaic.png"
+        try:
+            mosaic(
+                *(nib.load(f) for f in (self.inputs.t1w, self.inputs.dseg, self.inputs.mask)), out
+            )
+        except Exception as exc:  # noqa: BLE001 - the segmentation is stored; the figure is extra
+            logger.warning(
+                "mosaic of %s not drawn: %s: %s", self.inputs.dseg, type(exc).__name__, exc
+            )
+        else:
+            self._results["out_file"] = str(out)
+        return runtime
+
+
 # -- metadata and outputs -----------------------------------------------------------------------
 class _SidecarInputSpec(BaseInterfaceInputSpec):
     source_file = File(mandatory=True, desc="the raw T1w")

@@ -278,8 +278,78 @@ def check_models(dlicv_classes: int, dlmuse_classes: int) -> None:
 
 
 # -- the pipeline -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Step:
+    """One pipeline step: the values it reads and makes, each on a named port.
+
+    Ports are the argument and result names of the step: the keyword arguments and result keys
+    of ``DLMUSEPipeline._<name>`` and the input and output traits of the step's nipype node. A
+    value is an image in memory or the file holding it, depending on who runs the step.
+    """
+
+    name: str
+    reads: dict[str, str]  # port -> value
+    makes: dict[str, str]  # port -> value
+
+
+#: The source value: the validated T1w image (in memory) or its file (in the workflow).
+SOURCE = "t1w"
+#: The steps in the order they run; :meth:`DLMUSEPipeline.run` and
+#: :func:`dlmuse_bids.workflows.init_dlmuse_wf` both read this list, so they cannot differ.
+STEPS = (
+    Step(
+        "reorient",
+        reads={"in_file": SOURCE},
+        makes={"out_file": "lps", "grid_file": "grid", "zooms": "zooms"},
+    ),
+    Step("dlicv", reads={"in_file": "lps", "zooms": "zooms"}, makes={"out_file": "raw_mask"}),
+    Step(
+        "mask_crop",
+        reads={"in_file": "lps", "raw_mask": "raw_mask", "zooms": "zooms"},
+        makes={
+            "icv_mask": "icv_mask",
+            "crop_file": "crop",
+            "crop_box": "crop_box",
+            "selection": "selection",
+        },
+    ),
+    Step("dlmuse", reads={"in_file": "crop", "zooms": "zooms"}, makes={"out_file": "classes"}),
+    Step(
+        "paste",
+        reads={
+            "grid_file": "grid",
+            "crop_labels": "classes",
+            "icv_mask": "icv_mask",
+            "crop_box": "crop_box",
+        },
+        makes={"out_dseg": "dseg", "out_mask": "mask"},
+    ),
+    Step("volumes", reads={"in_file": "dseg"}, makes={"out_file": "volumes"}),
+)
+
+
+def step_sources() -> dict[str, dict[str, tuple[str, str]]]:
+    """For each step, each input port's maker: ``(step, port)``, or ``(SOURCE, SOURCE)``.
+
+    Raises ``ValueError`` if a step reads a value no earlier step makes.
+    """
+    made: dict[str, tuple[str, str]] = {SOURCE: (SOURCE, SOURCE)}
+    wiring = {}
+    for step in STEPS:
+        missing = sorted(set(step.reads.values()) - set(made))
+        if missing:
+            raise ValueError(f"step {step.name} reads {missing}, which no earlier step makes")
+        wiring[step.name] = {port: made[value] for port, value in step.reads.items()}
+        made.update({value: (step.name, port) for port, value in step.makes.items()})
+    return wiring
+
+
 class DLMUSEPipeline:
-    """DLICV then DLMUSE on one T1w image; the models are loaded once and reused."""
+    """DLICV then DLMUSE on one T1w image, in memory; the models are loaded once and reused.
+
+    :meth:`run` calls one method per :data:`STEPS` entry with the values that step reads, by
+    port name; each returns its values by port name (plus extras the result reports).
+    """
 
     def __init__(self, dlicv: Predictor, dlmuse: Predictor) -> None:
         check_models(dlicv.config.num_classes, dlmuse.config.num_classes)
@@ -287,40 +357,59 @@ class DLMUSEPipeline:
         self.dlmuse = dlmuse
         self.lut = class_to_muse_lut()
 
+    # one method per step: in-memory twins of the nodes in dlmuse_bids.interfaces
+    def _reorient(self, in_file: nib.Nifti1Image) -> dict:
+        lps, _ = to_reference_orientation(in_file)
+        return {
+            "out_file": np.asarray(lps.dataobj, dtype=np.float32),
+            "grid_file": in_file,
+            "zooms": lps_zooms(lps),
+        }
+
+    @staticmethod
+    def _network(predictor: Predictor, in_file: np.ndarray, zooms) -> dict:
+        info = PredictionInfo()
+        return {"out_file": predictor.predict(in_file, zooms, info), "info": info}
+
+    def _dlicv(self, in_file: np.ndarray, zooms) -> dict:
+        return self._network(self.dlicv, in_file, zooms)
+
+    def _dlmuse(self, in_file: np.ndarray, zooms) -> dict:
+        return self._network(self.dlmuse, in_file, zooms)
+
+    @staticmethod
+    def _mask_crop(in_file: np.ndarray, raw_mask: np.ndarray, zooms) -> dict:
+        mask, selection, box, masked = mask_and_crop(in_file, raw_mask, zooms)
+        return {"icv_mask": mask, "crop_file": masked, "crop_box": box, "selection": selection}
+
+    def _paste(self, grid_file, crop_labels, icv_mask, crop_box) -> dict:
+        labels = paste_labels(crop_labels, icv_mask, crop_box, self.lut)
+        label_img, mask_img = to_native(labels, icv_mask, grid_file)
+        return {"out_dseg": label_img, "out_mask": mask_img}
+
+    @staticmethod
+    def _volumes(in_file: nib.Nifti1Image) -> dict:
+        single, volumes = roi_volumes(
+            np.asanyarray(in_file.dataobj), in_file.header.get_zooms()[:3]
+        )
+        return {"out_file": volumes, "single": single}
+
     def run(self, img: nib.Nifti1Image) -> PipelineResult:
         """Segment one validated 3-D T1w image (see :func:`dlmuse_bids.io.load_t1w`)."""
+        values: dict[str, object] = {SOURCE: img}
         seconds: dict[str, float] = {}
-        t = time.perf_counter()
-
-        def lap(name: str) -> None:
-            nonlocal t
-            now = time.perf_counter()
-            seconds[name] = now - t
-            t = now
-
+        for step in STEPS:
+            start = time.perf_counter()
+            made = getattr(self, f"_{step.name}")(
+                **{port: values[value] for port, value in step.reads.items()}
+            )
+            # values no later step reads (e.g. a network's PredictionInfo) are kept as step.port
+            values.update(
+                {step.makes.get(port, f"{step.name}.{port}"): v for port, v in made.items()}
+            )
+            seconds[step.name] = time.perf_counter() - start
         source_orientation = "".join(nib.aff2axcodes(img.affine))
-        lps, _ = to_reference_orientation(img)
-        data = np.asarray(lps.dataobj, dtype=np.float32)
-        zooms = lps_zooms(lps)
-        lap("reorient")
-
-        icv_info = PredictionInfo()
-        raw_mask = self.dlicv.predict(data, zooms, icv_info)
-        lap("dlicv")
-        mask, selection, box, masked = mask_and_crop(data, raw_mask, zooms)
-        lap("mask_crop")
-
-        muse_info = PredictionInfo()
-        classes = self.dlmuse.predict(masked, zooms, muse_info)
-        lap("dlmuse")
-
-        label_img, mask_img = to_native(paste_labels(classes, mask, box, self.lut), mask, img)
-        lap("relabel_paste")
-
-        single, volumes = roi_volumes(
-            np.asanyarray(label_img.dataobj), label_img.header.get_zooms()[:3]
-        )
-        lap("volumes")
+        selection, volumes = values["selection"], values["volumes"]
         logger.info(
             "segmented %s image %s: ICV %.0f mL, component rule %s",
             source_orientation,
@@ -329,12 +418,12 @@ class DLMUSEPipeline:
             selection.outcome,
         )
         return PipelineResult(
-            labels=label_img,
-            icv_mask=mask_img,
-            single_volumes=single,
+            labels=values["dseg"],
+            icv_mask=values["mask"],
+            single_volumes=values["volumes.single"],
             volumes=volumes,
             selection=selection,
             source_orientation=source_orientation,
             seconds=seconds,
-            predictions={"DLICV": icv_info, "DLMUSE": muse_info},
+            predictions={"DLICV": values["dlicv.info"], "DLMUSE": values["dlmuse.info"]},
         )

@@ -12,7 +12,7 @@ import nibabel as nib
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
-from .bids import OUTPUTS, Provenance
+from .bids import FIGURES, OUTPUTS, Provenance
 from .interfaces import (
     DerivativesDataSink,
     MaskAndCrop,
@@ -20,11 +20,13 @@ from .interfaces import (
     PasteLabels,
     QCMeasures,
     ReorientToLPS,
+    ReportMosaic,
     ROIVolumes,
     SidecarMetadata,
     TemplateCheck,
 )
 from .io import nifti_stem
+from .pipeline import SOURCE, STEPS, step_sources
 from .settings import InferenceOptions, ModelInfo
 from .template import TemplateFiles
 
@@ -102,6 +104,39 @@ def request_slurm_resources(
             node.plugin_args = {"sbatch_args": request, "overwrite": True}
 
 
+def _step_nodes(
+    t1w: Path, models: Mapping[str, ModelInfo], inference: InferenceOptions, use_gpu: bool
+) -> dict[str, pe.Node]:
+    """One node per step of :data:`dlmuse_bids.pipeline.STEPS`: its interface and resources."""
+    mem_gb = _network_mem_gb(t1w)
+    nodes = {
+        "reorient": pe.Node(ReorientToLPS(), name="reorient", mem_gb=mem_gb / 4),
+        "mask_crop": pe.Node(MaskAndCrop(), name="mask_crop", mem_gb=mem_gb / 4),
+        "paste": pe.Node(PasteLabels(), name="paste", mem_gb=mem_gb / 4),
+        # light: run in the launching process, a scheduler job would cost more than the node
+        "volumes": pe.Node(ROIVolumes(), name="volumes", run_without_submitting=True),
+    }
+    for key in ("DLICV", "DLMUSE"):
+        info = models[key]
+        nodes[key.lower()] = pe.Node(
+            NNUnetPredict(
+                model_folder=str(info.folder),
+                folds=list(info.folds),
+                checkpoint_sha256=dict(info.sha256),
+                options=inference.hashed(),
+                num_threads=inference.num_threads or 1,
+                use_gpu=use_gpu,
+            ),
+            name=key.lower(),
+            n_procs=inference.num_threads or 1,
+            mem_gb=mem_gb,
+        )
+    missing = {step.name for step in STEPS} ^ set(nodes)
+    if missing:
+        raise RuntimeError(f"pipeline steps and workflow nodes differ: {sorted(missing)}")
+    return nodes
+
+
 def init_dlmuse_wf(
     *,
     t1w: Path,
@@ -117,9 +152,10 @@ def init_dlmuse_wf(
 ) -> pe.Workflow:
     """DLICV + DLMUSE on one T1w, with its outputs written to the derivative dataset.
 
-    Nodes: reorient -> dlicv -> mask_crop -> dlmuse -> paste -> volumes and qc, then the
-    metadata and four sinks (label map, ICV mask, volumes table, QC table). With a ``template``,
-    the ICV-masked T1w is aligned to it (its measures go to the QC table, its transform to a fifth
+    Nodes: one per step of :data:`dlmuse_bids.pipeline.STEPS` (reorient -> dlicv -> mask_crop
+    -> dlmuse -> paste -> volumes, wired as that list says), then qc, the metadata and four
+    sinks (label map, ICV mask, volumes table, QC table). With a ``template``, the ICV-masked
+    T1w is aligned to it (its measures go to the QC table, its transform to a fifth
     sink); without one, the QC table says why (``template_note``). ``use_gpu`` defaults to
     :func:`gpu_scheduling` of the device.
     """
@@ -129,31 +165,16 @@ def init_dlmuse_wf(
     inputnode = pe.Node(niu.IdentityInterface(fields=["t1w"]), name="inputnode")
     inputnode.inputs.t1w = str(t1w)
 
-    mem_gb = _network_mem_gb(t1w)
-    reorient = pe.Node(ReorientToLPS(), name="reorient", mem_gb=mem_gb / 4)
-    paste = pe.Node(PasteLabels(), name="paste", mem_gb=mem_gb / 4)
+    nodes = _step_nodes(t1w, models, inference, use_gpu)
     if provenance.t1w_volume is not None:
-        reorient.inputs.volume = provenance.t1w_volume
-    networks = {}
-    for key in ("DLICV", "DLMUSE"):
-        info = models[key]
-        node = pe.Node(
-            NNUnetPredict(
-                model_folder=str(info.folder),
-                folds=list(info.folds),
-                checkpoint_sha256=dict(info.sha256),
-                options=inference.hashed(),
-                num_threads=inference.num_threads or 1,
-                use_gpu=use_gpu,
-            ),
-            name=key.lower(),
-            n_procs=inference.num_threads or 1,
-            mem_gb=mem_gb,
-        )
-        networks[key] = node
-    mask_crop = pe.Node(MaskAndCrop(), name="mask_crop", mem_gb=mem_gb / 4)
+        nodes["reorient"].inputs.volume = provenance.t1w_volume
+    for step, ports in step_sources().items():  # the pipeline, as pipeline.STEPS wires it
+        for port, (maker, maker_port) in ports.items():
+            source = inputnode if maker == SOURCE else nodes[maker]
+            workflow.connect(source, maker_port, nodes[step], port)
+    reorient, mask_crop, paste = nodes["reorient"], nodes["mask_crop"], nodes["paste"]
+    networks = {"DLICV": nodes["dlicv"], "DLMUSE": nodes["dlmuse"]}
     # light nodes run in the launching process: a scheduler job each would cost more than them
-    volumes = pe.Node(ROIVolumes(), name="volumes", run_without_submitting=True)
     qc = pe.Node(QCMeasures(), name="qc", run_without_submitting=True)
     seconds = pe.Node(niu.Merge(2), name="seconds", run_without_submitting=True)
     sidecars = pe.Node(
@@ -171,16 +192,6 @@ def init_dlmuse_wf(
 
     # fmt: off
     workflow.connect([
-        (inputnode, reorient, [("t1w", "in_file")]),
-        (reorient, networks["DLICV"], [("out_file", "in_file"), ("zooms", "zooms")]),
-        (reorient, mask_crop, [("out_file", "in_file"), ("zooms", "zooms")]),
-        (networks["DLICV"], mask_crop, [("out_file", "raw_mask")]),
-        (mask_crop, networks["DLMUSE"], [("crop_file", "in_file")]),
-        (reorient, networks["DLMUSE"], [("zooms", "zooms")]),
-        (reorient, paste, [("grid_file", "grid_file")]),
-        (networks["DLMUSE"], paste, [("out_file", "crop_labels")]),
-        (mask_crop, paste, [("icv_mask", "icv_mask"), ("crop_box", "crop_box")]),
-        (paste, volumes, [("out_dseg", "in_file")]),
         (inputnode, sidecars, [("t1w", "source_file")]),
         (networks["DLICV"], sidecars, [("device", "device")]),
         (mask_crop, sidecars, [("selection", "selection")]),
@@ -192,7 +203,7 @@ def init_dlmuse_wf(
         (paste, sinks["mask"], [("out_mask", "in_file")]),
         (sidecars, sinks["mask"], [("mask_meta", "metadata")]),
         (inputnode, sinks["volumes"], [("t1w", "source_file")]),
-        (volumes, sinks["volumes"], [("out_file", "in_file")]),
+        (nodes["volumes"], sinks["volumes"], [("out_file", "in_file")]),
         (paste, qc, [("out_dseg", "in_file")]),
         (mask_crop, qc, [("selection", "selection")]),
         (reorient, qc, [("orientation", "orientation")]),
@@ -203,6 +214,7 @@ def init_dlmuse_wf(
         (seconds, sidecars, [("out", "seconds")]),
     ])
     # fmt: on
+    _add_mosaic(workflow, inputnode, reorient, sinks, output_dir)
     if template is None:
         qc.inputs.template = {"skipped": template_note}
         return workflow
@@ -213,7 +225,7 @@ def init_dlmuse_wf(
             template_mask=str(template.mask),
         ),
         name="template_check",
-        mem_gb=mem_gb / 4,
+        mem_gb=reorient.mem_gb,
     )
     ds_xfm = pe.Node(
         DerivativesDataSink(base_directory=str(output_dir), entities=OUTPUTS["xfm"]),
@@ -230,6 +242,25 @@ def init_dlmuse_wf(
     ])
     # fmt: on
     return workflow
+
+
+def _add_mosaic(workflow, inputnode, reorient, sinks, output_dir: Path) -> None:
+    """The report's mosaic, drawn from the stored label map and mask (so it is never older)."""
+    draw = pe.Node(ReportMosaic(), name="mosaic", run_without_submitting=True)
+    sink = pe.Node(
+        DerivativesDataSink(base_directory=str(output_dir), entities=FIGURES["mosaic"]),
+        name="ds_mosaic",
+        run_without_submitting=True,
+    )
+    # fmt: off
+    workflow.connect([
+        (reorient, draw, [("out_file", "t1w")]),
+        (sinks["dseg"], draw, [("out_file", "dseg")]),
+        (sinks["mask"], draw, [("out_file", "mask")]),
+        (inputnode, sink, [("t1w", "source_file")]),
+        (draw, sink, [("out_file", "in_file")]),
+    ])
+    # fmt: on
 
 
 def init_participant_wf(

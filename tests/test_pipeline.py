@@ -10,16 +10,19 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from dlmuse_bids import pipeline
 from dlmuse_bids.io import load_t1w
 from dlmuse_bids.labels import class_to_muse_lut, single_roi_ids, volume_roi_members
 from dlmuse_bids.models import find_model, load_trained_model
 from dlmuse_bids.pipeline import (
     MIN_ICV_COMPONENT_VOXELS,
+    STEPS,
     DLMUSEPipeline,
     crop_box,
     from_reference_orientation,
     itk_roundness,
     select_icv_component,
+    step_sources,
     to_reference_orientation,
 )
 from dlmuse_bids.settings import InferenceOptions
@@ -220,14 +223,16 @@ def test_pipeline_outputs_on_the_input_grid(tiny_pipeline, tmp_path):
     icv_members = volume_roi_members()[702]
     assert result.volumes[702] == np.isin(labels, icv_members).sum() * voxel
     assert all(info.n_tiles >= 1 for info in result.predictions.values())
-    assert set(result.seconds) == {
+    # run() went through STEPS, in its order
+    assert list(result.seconds) == [step.name for step in STEPS]
+    assert [s.name for s in STEPS] == [
         "reorient",
         "dlicv",
         "mask_crop",
         "dlmuse",
-        "relabel_paste",
+        "paste",
         "volumes",
-    }
+    ]
 
 
 def test_pipeline_rejects_wrong_models(tiny_pipeline):
@@ -235,3 +240,18 @@ def test_pipeline_rejects_wrong_models(tiny_pipeline):
         DLMUSEPipeline(tiny_pipeline.dlmuse, tiny_pipeline.dlmuse)
     with pytest.raises(ValueError, match=f"{len(class_to_muse_lut())} classes"):
         DLMUSEPipeline(tiny_pipeline.dlicv, tiny_pipeline.dlicv)
+
+
+def test_step_sources_wire_each_value_from_its_maker(monkeypatch):
+    wiring = step_sources()
+    assert wiring["reorient"] == {"in_file": ("t1w", "t1w")}
+    assert wiring["dlmuse"] == {
+        "in_file": ("mask_crop", "crop_file"),
+        "zooms": ("reorient", "zooms"),
+    }
+    assert wiring["paste"]["crop_labels"] == ("dlmuse", "out_file")
+    # a step reading what only a later step makes is refused, naming both
+    swapped = (STEPS[0], STEPS[2], STEPS[1], *STEPS[3:])
+    monkeypatch.setattr(pipeline, "STEPS", swapped)
+    with pytest.raises(ValueError, match=r"mask_crop reads \['raw_mask'\]"):
+        step_sources()

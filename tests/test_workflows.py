@@ -10,13 +10,19 @@ import pandas as pd
 import pytest
 
 from dlmuse_bids import interfaces
-from dlmuse_bids.bids import Provenance, output_paths
+from dlmuse_bids.bids import Provenance, figure_paths, output_paths, source_entities
 from dlmuse_bids.io import load_t1w
 from dlmuse_bids.models import find_model, load_trained_model
-from dlmuse_bids.pipeline import DLMUSEPipeline
+from dlmuse_bids.pipeline import STEPS, DLMUSEPipeline, step_sources
+from dlmuse_bids.reports.subject import write_subject_report
 from dlmuse_bids.settings import InferenceOptions
 from dlmuse_bids.template import TEMPLATE, find_template, read_itk_affine
-from dlmuse_bids.workflows import init_participant_wf, request_slurm_resources, workflow_name
+from dlmuse_bids.workflows import (
+    init_dlmuse_wf,
+    init_participant_wf,
+    request_slurm_resources,
+    workflow_name,
+)
 from tests.conftest import needs_shared
 from tests.support.bids import write_scan
 from tests.support.templates import make_templateflow_home
@@ -65,8 +71,11 @@ def test_workflow_equals_the_in_memory_pipeline(tiny_models, tmp_path, monkeypat
         interfaces, "load_t1w", lambda f, **k: reads.append(str(f)) or real_t1w(f, **k)
     )
     wf.run(plugin="Linear")
+    for source in sources:  # the report's figure is drawn in the workflow...
+        assert figure_paths(source, out)["mosaic"].stat().st_size > 0
+        write_subject_report(source_entities(source)["subject"], [source], out, raw)
     monkeypatch.undo()
-    # each source is read once, by the first node; the later nodes read their inputs
+    # ...so each source is read once, by the first node; the later nodes read their inputs
     assert [reads.count(str(source)) for source in sources] == [1, 1]
     # Linear runs every node in this process: each model was loaded exactly once
     info = interfaces.load_predictor.cache_info()
@@ -169,3 +178,30 @@ def test_slurm_jobs_ask_for_what_their_node_needs(tiny_models, tmp_path, device)
     request_slurm_resources(wf, every_node=True)
     node = wf.get_node(f"{workflow_name(small)}.volumes")
     assert node.plugin_args["sbatch_args"] == "--cpus-per-task=1 --mem=1024M"
+
+
+def test_the_workflow_is_wired_as_pipeline_steps_say(tiny_models, tmp_path):
+    """Every step is a node, and the edges between them are exactly ``step_sources()``."""
+    source = write_scan(tmp_path / "raw", "sub-01/anat/sub-01_T1w.nii.gz", "sub-otsu_T1w.nii.gz")
+    models = _models(tiny_models)
+    wf = init_dlmuse_wf(
+        t1w=source,
+        bids_dir=tmp_path / "raw",
+        output_dir=tmp_path / "out",
+        models=models,
+        inference=InferenceOptions(device="cpu"),
+        provenance=Provenance("test", True, 0.5, {k: v.provenance() for k, v in models.items()}),
+        name="one",
+    )
+    steps = {step.name for step in STEPS}
+    edges = set()
+    for maker, reader, data in wf._graph.edges(data=True):
+        if reader.name in steps:
+            for out_port, in_port in data["connect"]:
+                edges.add((reader.name, in_port, maker.name, out_port))
+    expected = {
+        (step, port, "inputnode" if maker == "t1w" else maker, maker_port)
+        for step, ports in step_sources().items()
+        for port, (maker, maker_port) in ports.items()
+    }
+    assert edges == expected
