@@ -164,8 +164,9 @@ def test_overwrite_and_provenance_change_recompute(
     assert other.stat().st_mtime_ns == other_before, "another image's outputs were touched"
 
 
-def test_group_level(first_run, dataset, tiny_models):
-    out = first_run["out"]
+def test_group_level(first_run, dataset, tiny_models, tmp_path):
+    out = tmp_path / "out"  # a copy: the group level writes group/ into its output dataset
+    shutil.copytree(first_run["out"], out, symlinks=True)
     assert _run(dataset, out, models=tiny_models, level="group") == 0
     assert "<h1>DLMUSE group report</h1>" in (out / "group" / "dlmuse_report.html").read_text()
     table = pd.read_csv(out / "group" / "dlmuse_volumes.tsv", sep="\t", na_values="n/a")

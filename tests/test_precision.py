@@ -11,11 +11,12 @@ import torch
 from dlmuse_bids.cli.bids_app import build_parser, make_settings
 from dlmuse_bids.models import find_model, load_trained_model
 from dlmuse_bids.nnunet.predictor import resolve_precision
-from dlmuse_bids.nnunet.sliding_window import _add_flipped, predict_tile
+from dlmuse_bids.nnunet.sliding_window import predict_tile
 from dlmuse_bids.runner import precision_label
 from dlmuse_bids.settings import InferenceOptions
 from tests.conftest import needs_shared
 from tests.support.bids import subsampled
+from tests.support.reference import mirror_average
 
 
 def _cpu_flags_say_bf16() -> bool:
@@ -44,13 +45,13 @@ def test_resolve_precision():
         InferenceOptions(tile_step_size=0)
 
 
-def test_chunked_flip_sum_is_the_plain_flip_sum():
-    gen = torch.Generator().manual_seed(0)
-    total = torch.randn(1, 40, 6, 5, 4, generator=gen)
-    out = torch.randn(1, 40, 6, 5, 4, generator=gen)
-    expected = total + torch.flip(out, (2, 4))
-    _add_flipped(total, out, (2, 4))
-    assert torch.equal(total, expected)
+def test_mirror_average_is_nnunets_plain_sum():
+    """predict_tile's chunked in-place flip sum (many channels) is nnU-Net's sum, bit for bit."""
+    torch.manual_seed(0)
+    net = torch.nn.Conv3d(1, 40, 3, padding=1)  # a plain module: the whole-output path
+    x = torch.randn(1, 1, 6, 5, 4)
+    with torch.inference_mode():
+        assert torch.equal(predict_tile(net, x, (0, 1, 2)), mirror_average(net, x, (0, 1, 2)))
 
 
 def test_bf16_mirror_average_is_accumulated_in_fp32():

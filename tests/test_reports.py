@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -164,13 +165,24 @@ def test_sections_volumes_flags_and_provenance(dataset):
     assert "Template check skipped: not run" in plain
 
 
-def test_figures_redraw_only_when_stale(dataset):
-    out, source = dataset["out"], dataset["sources"]["run-1"]
+def _copy(dataset, root: Path) -> dict:
+    """The dataset fixture's raw and output trees copied under ``root`` (to change them)."""
+    for name in ("raw", "out"):
+        shutil.copytree(dataset[name], root / name, symlinks=True)
+    sources = {
+        k: root / "raw" / v.relative_to(dataset["raw"]) for k, v in dataset["sources"].items()
+    }
+    return {"raw": root / "raw", "out": root / "out", "sources": sources}
+
+
+def test_figures_redraw_only_when_stale(dataset, tmp_path):
+    copy = _copy(dataset, tmp_path)
+    out, source = copy["out"], copy["sources"]["run-1"]
     figure = figure_paths(source, out)["mosaic"]
     stamp = figure.stat().st_mtime_ns
-    write_subject_report("01", [source], out, dataset["raw"])
+    write_subject_report("01", [source], out, copy["raw"])
     assert figure.stat().st_mtime_ns == stamp
-    write_subject_report("01", [source], out, dataset["raw"], redraw=True)
+    write_subject_report("01", [source], out, copy["raw"], redraw=True)
     assert figure.stat().st_mtime_ns > stamp
 
 
@@ -212,17 +224,19 @@ def test_robust_z():
 
 
 @pytest.fixture(scope="module")
-def group_report(dataset):
-    raw, out = dataset["raw"], dataset["out"]
+def group_dataset(dataset, tmp_path_factory):
+    """The dataset fixture (copied) with a participants.tsv and its group level written."""
+    copy = _copy(dataset, tmp_path_factory.mktemp("group-report"))
+    raw, out = copy["raw"], copy["out"]
     (raw / "participants.tsv").write_text("participant_id\tage\nsub-01\t71\n")
-    sources = sorted(dataset["sources"].values())
-    write_subject_report("01", sources, out, raw)
+    sources = sorted(copy["sources"].values())
     write_group_tables(sources, raw, out)
-    return write_group_report(out)
+    copy["report"] = write_group_report(out)
+    return copy
 
 
-def test_group_report_lists_flagged_and_failed_images(group_report, dataset):
-    out = dataset["out"]
+def test_group_report_lists_flagged_and_failed_images(group_dataset):
+    out, group_report = group_dataset["out"], group_dataset["report"]
     assert group_report == out / "group" / "dlmuse_report.html"
     html = group_report.read_text()
     flagged = html.split("<h2>Flagged images</h2>")[1].split("<h2>")[0]
@@ -242,9 +256,10 @@ def test_group_report_lists_flagged_and_failed_images(group_report, dataset):
             assert href.split("#")[1] in anchors, href
 
 
-def test_group_report_in_a_real_browser(group_report):
+def test_group_report_in_a_real_browser(group_dataset):
     from tests.support.browser import link_targets, render, require_chromium
 
+    group_report = group_dataset["report"]
     require_chromium()
     ARTIFACTS.mkdir(exist_ok=True)
     report = render(group_report, ARTIFACTS / "group_report.png")

@@ -282,3 +282,17 @@ def run_nichart(
             f"--- stderr ---\n{_tail(run_dir / 'stderr.txt')}"
         )
     return out_dir
+
+
+def mirror_average(network, x, mirror_axes):
+    """nnU-Net's mirroring of one tile, as nnunetv2 writes it: the plain output plus each flipped
+    pass (in ``mirror_combinations`` order), summed in fp32, divided by the number of passes."""
+    import torch
+
+    from dlmuse_bids.nnunet.sliding_window import mirror_combinations
+
+    passes = [(), *mirror_combinations(mirror_axes)]
+    total = network(x).float()
+    for dims in passes[1:]:
+        total = total + torch.flip(network(torch.flip(x, dims)), dims).float()
+    return total / len(passes)
