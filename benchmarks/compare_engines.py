@@ -14,10 +14,15 @@ per-stage seconds, CPU seconds, peak RSS, and the voxel agreement of the two lab
 Usage::
 
     python benchmarks/compare_engines.py [--scans sub-otsu_T1w.nii.gz sub-chris_T1w.nii.gz]
-        [--tta on|off] [--threads 2] [--device cpu|cuda] [--engines ours nnunetv2]
-        [--models DIR] [--out benchmarks/results]
+        [--tta on|off] [--threads 2] [--device cpu|cuda]
+        [--engines default exact fast nnunetv2] [--retain-memory] [--models DIR]
+        [--out benchmarks/results] [--stem NAME]
 
-Writes ``results/engines_<device>_tta-<on|off>.json`` and ``.md``. nnunetv2 must be installed
+Engines: our ``exact``, ``default`` and ``fast`` modes as the commands run them, and
+``nnunetv2``'s predictor as NiChart runs it. ``--tta off`` turns mirroring off in every engine;
+``--retain-memory`` runs every engine with
+:func:`dlmuse_bids.nnunet.memory.retain_freed_memory`. Writes ``results/<stem>.json`` and
+``.md`` (default stem ``engines_<device>_tta-<on|off>``). nnunetv2 must be installed
 (``pip install --no-deps -r tests/requirements-reference.txt``).
 """
 
@@ -78,8 +83,19 @@ class NNUNetPredictor:
         return np.asarray(seg).transpose(2, 1, 0)
 
 
+#: Engines: our three inference modes, as the commands run them, and nnunetv2's predictor.
+ENGINES = ("exact", "default", "fast", "nnunetv2")
+
+
 def run_one(
-    engine: str, scan: Path, models: Path, tta: bool, threads: int, device: str, labels_out: Path
+    engine: str,
+    scan: Path,
+    models: Path,
+    tta: bool,
+    threads: int,
+    device: str,
+    labels_out: Path,
+    retain: bool = False,
 ) -> dict:
     """One pipeline run in this process: stage seconds, CPU seconds, peak RSS."""
     import nibabel as nib
@@ -87,33 +103,40 @@ def run_one(
 
     from dlmuse_bids.io import load_t1w
     from dlmuse_bids.models import find_model, load_trained_model
+    from dlmuse_bids.nnunet.memory import retain_freed_memory
     from dlmuse_bids.pipeline import DLMUSEPipeline
-    from dlmuse_bids.settings import InferenceOptions
+    from dlmuse_bids.runner import precision_label
+    from dlmuse_bids.settings import NETWORKS, PipelineInference
 
     torch.set_num_threads(threads)
+    retained = retain and retain_freed_memory()
     t0 = time.perf_counter()
     dirs = [models]
-    if engine in ("ours", "ours-fast"):
-        opts = InferenceOptions(device=device, num_threads=threads, use_mirroring=tta)
-        if engine == "ours-fast":  # the --fast preset
-            opts = InferenceOptions(
-                device=device,
-                num_threads=threads,
-                use_mirroring=False,
-                precision="fast",
-                channels_last=True,
-            )
-        pipe = DLMUSEPipeline(
-            load_trained_model(find_model("DLICV", dirs)).predictor(opts),
-            load_trained_model(find_model("DLMUSE", dirs)).predictor(opts),
-        )
-    else:
+    if engine == "nnunetv2":
         pipe = DLMUSEPipeline(
             *(
                 NNUNetPredictor(find_model(key, dirs), tta=tta, step_size=0.5, device=device)
-                for key in ("DLICV", "DLMUSE")
+                for key in NETWORKS
             )
         )
+        how = {k: {"mirroring": tta, "precision": "nnU-Net's"} for k in NETWORKS}
+    else:
+        inference = PipelineInference.preset(
+            engine, device=device, num_threads=threads, use_mirroring=None if tta else False
+        )
+        pipe = DLMUSEPipeline(
+            *(
+                load_trained_model(find_model(k, dirs)).predictor(inference.network(k))
+                for k in NETWORKS
+            )
+        )
+        how = {
+            k: {
+                "mirroring": inference.network(k).use_mirroring,
+                "precision": precision_label(inference.network(k)),
+            }
+            for k in NETWORKS
+        }
     seconds = {"load_models": time.perf_counter() - t0}
     t1 = time.perf_counter()
     img = load_t1w(scan)
@@ -128,13 +151,10 @@ def run_one(
         "scan": scan.name,
         "shape": list(img.shape),
         "zooms": [round(float(z), 4) for z in img.header.get_zooms()[:3]],
-        "tta": tta,
         "threads": threads,
         "device": device,
-        "precision": getattr(pipe.dlicv, "options", None)
-        and pipe.dlicv.options.resolved_precision()
-        or ("fp32" if device == "cpu" else "fp16"),
-        "mirroring": engine != "ours-fast" and tta,
+        "networks": how,
+        "freed_memory_retained": bool(retained),
         "step_size": 0.5,
         "seconds": seconds,
         "pipeline_s": sum(v for k, v in seconds.items() if k != "load_models"),
@@ -158,18 +178,20 @@ def agreement(a: Path, b: Path) -> dict:
 
 def _table(runs: list[dict], agreements: dict) -> str:
     lines = [
-        "| scan | engine | TTA | threads | pipeline s | DLICV s | DLMUSE s | other s | CPU s "
-        "| peak RSS GiB | agreement with ours exact / nnunetv2 (labelled voxels) |",
+        "| scan | engine | DLICV | DLMUSE | pipeline s | DLICV s | DLMUSE s | other s | CPU s "
+        "| peak RSS GiB | labels equal to nnunetv2's (labelled voxels) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         s = r["seconds"]
         other = r["pipeline_s"] - s["dlicv"] - s["dlmuse"]
-        key = r["scan"] + (" fast" if r["engine"] == "ours-fast" else "")
-        agree = agreements.get(key)
+        agree = agreements.get(f"{r['scan']} {r['engine']}")
+        nets = [
+            f"{n['precision']}, {'mirroring' if n['mirroring'] else 'no TTA'}"
+            for n in r["networks"].values()
+        ]
         lines.append(
-            f"| {r['scan']} | {r['engine']} ({r['precision']}) | "
-            f"{'on' if r['mirroring'] else 'off'} | {r['threads']} | "
+            f"| {r['scan']} | {r['engine']} | {nets[0]} | {nets[1]} | "
             f"{r['pipeline_s']:.0f} | {s['dlicv']:.0f} | {s['dlmuse']:.0f} | {other:.1f} | "
             f"{r['cpu_s']:.0f} | {r['peak_rss_gib']:.2f} | "
             f"{'' if agree is None else format(100 * agree['labelled_voxels'], '.3f') + ' %'} |"
@@ -178,10 +200,17 @@ def _table(runs: list[dict], agreements: dict) -> str:
     for r in runs:
         by_scan.setdefault(r["scan"], {})[r["engine"]] = r
     for scan, engines in by_scan.items():
-        if {"ours", "nnunetv2"} <= set(engines):
-            ratio = engines["nnunetv2"]["pipeline_s"] / engines["ours"]["pipeline_s"]
-            rss = engines["nnunetv2"]["peak_rss_gib"] / engines["ours"]["peak_rss_gib"]
-            lines.append(f"\n{scan}: ours is {ratio:.2f}x faster, {rss:.2f}x less peak RSS.")
+        if "nnunetv2" not in engines:
+            continue
+        ref = engines["nnunetv2"]
+        for name, r in engines.items():
+            if name != "nnunetv2":
+                ratio = ref["pipeline_s"] / r["pipeline_s"]
+                rss = ref["peak_rss_gib"] / r["peak_rss_gib"]
+                lines.append(
+                    f"\n{scan}: {name} is {ratio:.2f}x as fast as nnunetv2, "
+                    f"{rss:.2f}x less peak RSS."
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -191,21 +220,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--engines",
         nargs="+",
-        choices=("ours", "nnunetv2", "ours-fast"),
-        default=["ours", "nnunetv2"],
+        choices=ENGINES,
+        default=["default", "nnunetv2"],
     )
     p.add_argument("--tta", choices=("on", "off"), default="on")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--models", type=Path, default=REPO / ".cache" / "full_width_models")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    p.add_argument(
+        "--stem", help="name of the result files (default engines_<device>_tta-<on|off>)"
+    )
+    p.add_argument("--retain-memory", action="store_true", help="glibc keeps freed memory")
     p.add_argument("--one", nargs=3, metavar=("ENGINE", "SCAN", "LABELS"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     tta = args.tta == "on"
     if args.one:  # the child process of one run
         engine, scan, labels = args.one
         record = run_one(
-            engine, Path(scan), args.models, tta, args.threads, args.device, Path(labels)
+            engine,
+            Path(scan),
+            args.models,
+            tta,
+            args.threads,
+            args.device,
+            Path(labels),
+            args.retain_memory,
         )
         print("RESULT " + json.dumps(record), flush=True)
         return 0
@@ -233,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.device,
                     "--models",
                     str(models),
+                    *(["--retain-memory"] if args.retain_memory else []),
                 ]
                 proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
                 lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
@@ -240,18 +281,21 @@ def main(argv: list[str] | None = None) -> int:
                     sys.exit(f"{engine} on {scan} failed:\n{proc.stderr[-3000:]}")
                 runs.append(json.loads(lines[-1].removeprefix("RESULT ")))
                 print(json.dumps(runs[-1]), flush=True)
-            if {"ours", "nnunetv2"} <= set(labels):
-                agreements[scan] = agreement(labels["ours"], labels["nnunetv2"])
-            if {"ours", "ours-fast"} <= set(labels):
-                agreements[f"{scan} fast"] = agreement(labels["ours"], labels["ours-fast"])
+            if "nnunetv2" in labels:
+                for engine in labels:
+                    if engine != "nnunetv2":
+                        agreements[f"{scan} {engine}"] = agreement(
+                            labels[engine], labels["nnunetv2"]
+                        )
     meta = {
         "machine": cpu_model(),
         "python": sys.version.split()[0],
         "models": "full-width DLICV + DLMUSE (official plans), seeded random weights",
-        "note": "pipeline_s excludes model loading; agreement: labelled voxels of either map",
+        "note": "pipeline_s excludes model loading; agreement: labelled voxels of either map "
+        "(meaningful for the exact mode only: random weights are near-ties everywhere)",
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"engines_{args.device}_tta-{args.tta}"
+    stem = args.stem or f"engines_{args.device}_tta-{args.tta}"
     (args.out / f"{stem}.json").write_text(
         json.dumps({"meta": meta, "runs": runs, "agreement": agreements}, indent=2) + "\n"
     )

@@ -61,6 +61,7 @@ def peak_rss_gib() -> float:
 
 
 def run_once(models: Path, scan: Path, tta: bool, threads: int, device: str) -> dict:
+    # the exact mode (nnU-Net's arithmetic in both networks); compare_engines.py times the others
     opts = InferenceOptions(device=device, num_threads=threads, use_mirroring=tta)
     t0 = time.perf_counter()
     dirs = [models]

@@ -324,14 +324,13 @@ def bids_uri(path: Path, bids_dir: Path) -> str:
 
 @dataclass(frozen=True)
 class Provenance:
-    """What decides whether existing outputs can be kept: software and model identity, TTA."""
+    """What decides whether existing outputs can be kept: software, models, how they were run."""
 
     version: str
-    tta: bool
-    step_size: float
+    inference: Mapping[str, Mapping[str, Any]]  # network -> runner.network_provenance()
     models: Mapping[str, Mapping[str, Any]]  # name -> ModelInfo.provenance()
     template: str | None = None  # the template of the orientation check, None when skipped
-    precision: str = "fp32"  # the networks' arithmetic
+    mode: str = "default"  # the inference mode (settings.MODES) the options came from
     t1w_volume: int | None = None  # the volume segmented in 4-D T1w files (--t1w-volume)
 
     def metadata(self) -> dict[str, Any]:
@@ -339,25 +338,22 @@ class Provenance:
         return {
             "SoftwareName": "dlmuse-bids",
             "SoftwareVersion": self.version,
-            "TestTimeAugmentation": self.tta,
-            "TileStepSize": self.step_size,
+            "InferenceMode": self.mode,
+            "Inference": {name: dict(info) for name, info in self.inference.items()},
             "Models": {name: dict(info) for name, info in self.models.items()},
             "TemplateCheck": self.template,
-            "Precision": self.precision,
             "T1wVolume": self.t1w_volume,
         }
 
     def matches(self, sidecar: Mapping[str, Any]) -> bool:
-        """True when a sidecar was written by the same software, models and TTA."""
+        """True when a sidecar was written by the same software and models, run the same way."""
         mine = self.metadata()
         theirs_models = sidecar.get("Models") or {}
         return (
-            sidecar.get("SoftwareVersion") == mine["SoftwareVersion"]
-            and sidecar.get("TestTimeAugmentation") == mine["TestTimeAugmentation"]
-            and sidecar.get("TileStepSize") == mine["TileStepSize"]
-            and sidecar.get("TemplateCheck") == mine["TemplateCheck"]
-            and sidecar.get("Precision") == mine["Precision"]
-            and sidecar.get("T1wVolume") == mine["T1wVolume"]
+            all(
+                sidecar.get(key) == mine[key]
+                for key in ("SoftwareVersion", "Inference", "TemplateCheck", "T1wVolume")
+            )
             and set(theirs_models) == set(mine["Models"])
             and all(
                 theirs_models[name].get("CheckpointSHA256") == info["CheckpointSHA256"]

@@ -39,7 +39,7 @@ ID_COLUMNS = [
     "source",
     "status",
     "software_version",
-    "tta",
+    "inference_mode",
 ]
 _ENTITY_COLUMNS = {"acq": "acquisition", "ce": "ceagent", "rec": "reconstruction", "run": "run"}
 
@@ -115,7 +115,7 @@ def collect_volumes(
             volumes = dict(zip(table["index"].astype(int), table["volume_mm3"], strict=True))
             sidecar = json.loads(paths["dseg_json"].read_text(encoding="utf-8"))
             row["software_version"] = sidecar.get("SoftwareVersion")
-            row["tta"] = sidecar.get("TestTimeAugmentation")
+            row["inference_mode"] = sidecar.get("InferenceMode")
             row.update({name: volumes.get(roi, np.nan) for roi, name in columns.items()})
             nichart_rows.append(nichart_volumes_row(nichart_mrid(source), volumes))
         rows.append(row)

@@ -27,7 +27,7 @@ from .interfaces import (
 )
 from .io import nifti_stem
 from .pipeline import SOURCE, STEPS, step_sources
-from .settings import InferenceOptions, ModelInfo
+from .settings import NETWORKS, ModelInfo, PipelineInference
 from .template import TemplateFiles
 
 #: Memory asked for one full-width network node per input voxel: 4.5 GiB for a 176x238x169 scan,
@@ -105,7 +105,7 @@ def request_slurm_resources(
 
 
 def _step_nodes(
-    t1w: Path, models: Mapping[str, ModelInfo], inference: InferenceOptions, use_gpu: bool
+    t1w: Path, models: Mapping[str, ModelInfo], inference: PipelineInference, use_gpu: bool
 ) -> dict[str, pe.Node]:
     """One node per step of :data:`dlmuse_bids.pipeline.STEPS`: its interface and resources."""
     mem_gb = _network_mem_gb(t1w)
@@ -116,14 +116,14 @@ def _step_nodes(
         # light: run in the launching process, a scheduler job would cost more than the node
         "volumes": pe.Node(ROIVolumes(), name="volumes", run_without_submitting=True),
     }
-    for key in ("DLICV", "DLMUSE"):
+    for key in NETWORKS:
         info = models[key]
         nodes[key.lower()] = pe.Node(
             NNUnetPredict(
                 model_folder=str(info.folder),
                 folds=list(info.folds),
                 checkpoint_sha256=dict(info.sha256),
-                options=inference.hashed(),
+                options=inference.network(key).hashed(),
                 num_threads=inference.num_threads or 1,
                 use_gpu=use_gpu,
             ),
@@ -143,7 +143,7 @@ def init_dlmuse_wf(
     bids_dir: Path,
     output_dir: Path,
     models: Mapping[str, ModelInfo],
-    inference: InferenceOptions,
+    inference: PipelineInference,
     provenance: Provenance,
     template: TemplateFiles | None = None,
     template_note: str = "no template given",
@@ -269,7 +269,7 @@ def init_participant_wf(
     bids_dir: Path,
     output_dir: Path,
     models: Mapping[str, ModelInfo],
-    inference: InferenceOptions,
+    inference: PipelineInference,
     provenance: Provenance,
     template: TemplateFiles | None = None,
     template_note: str = "no template given",

@@ -214,8 +214,10 @@ def test_dataset_files_under_parallel_jobs(tmp_path, skeleton):
 def _provenance(**changes):
     base = dict(
         version="1.0",
-        tta=True,
-        step_size=0.5,
+        inference={
+            name: {"TestTimeAugmentation": True, "TileStepSize": 0.5, "Precision": "fp32"}
+            for name in ("DLICV", "DLMUSE")
+        },
         models={
             "DLICV": {"Folds": [0], "CheckpointSHA256": {"fold_0": "aa"}},
             "DLMUSE": {"Folds": [0], "CheckpointSHA256": {"fold_0": "bb"}},
@@ -230,7 +232,12 @@ def test_provenance_matching(tmp_path):
     sidecar = json.loads(json.dumps(prov.metadata()))
     assert prov.matches(sidecar)
     assert not _provenance(version="1.1").matches(sidecar)
-    assert not _provenance(tta=False).matches(sidecar)
+    no_tta = {
+        **prov.inference,
+        "DLICV": {**prov.inference["DLICV"], "TestTimeAugmentation": False},
+    }
+    assert not _provenance(inference=no_tta).matches(sidecar)
+    assert _provenance(mode="exact").matches(sidecar)  # the options decide, not the preset name
     other = {"DLICV": {"CheckpointSHA256": {"fold_0": "cc"}}, "DLMUSE": prov.models["DLMUSE"]}
     assert not _provenance(models=other).matches(sidecar)
 
@@ -247,7 +254,7 @@ def test_outputs_current(tmp_path):
         else:
             path.write_bytes(b"x")
     assert bids.outputs_current(source, tmp_path / "out", prov)
-    assert not bids.outputs_current(source, tmp_path / "out", _provenance(tta=False))
+    assert not bids.outputs_current(source, tmp_path / "out", _provenance(inference={}))
     paths["volumes"].unlink()
     assert not bids.outputs_current(source, tmp_path / "out", prov)
 

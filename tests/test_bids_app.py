@@ -78,7 +78,12 @@ def test_participant_level_outputs(first_run, dataset):
         assert np.all(labels[mask > 0] > 0), "every ICV voxel has a label (1 at least)"
         meta = json.loads(paths["dseg_json"].read_text())
         assert meta["Sources"] == [f"bids:raw:{rel}"]
-        assert meta["TestTimeAugmentation"] is False
+        assert meta["InferenceMode"] == "default"
+        assert [meta["Inference"][n]["TestTimeAugmentation"] for n in ("DLICV", "DLMUSE")] == [
+            False,
+            False,
+        ]
+        assert meta["Inference"]["DLMUSE"]["Precision"] == "fp32"  # DLMUSE as nnU-Net runs it
         assert set(meta["Models"]) == {"DLICV", "DLMUSE"}
         assert len(meta["Models"]["DLMUSE"]["CheckpointSHA256"]["fold_0"]) == 64
         table = pd.read_csv(paths["volumes"], sep="\t", na_values="n/a")
@@ -159,7 +164,10 @@ def test_overwrite_and_provenance_change_recompute(
     assert _run(dataset, out, *args, "--step-size", "0.75", models=tiny_models) == 0
     assert "1 processed, 0 skipped" in capsys.readouterr().err
     assert (
-        json.loads(dseg.with_suffix("").with_suffix(".json").read_text())["TileStepSize"] == 0.75
+        json.loads(dseg.with_suffix("").with_suffix(".json").read_text())["Inference"]["DLICV"][
+            "TileStepSize"
+        ]
+        == 0.75
     )
     assert other.stat().st_mtime_ns == other_before, "another image's outputs were touched"
 

@@ -177,6 +177,7 @@ INVOCATIONS = {
         "device": "cpu",
         "model_dir": "/models",
         "offline": True,
+        "mode": "exact",
         "no_tta": True,
         "step_size": 0.25,
         "precision": "bf16",

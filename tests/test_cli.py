@@ -115,7 +115,8 @@ def test_outputs_made_with_the_same_settings_are_kept(tiny_models, head_file, tm
     assert _run(*args) == 0
     seg = out / "sub-01_T1w_DLMUSE.nii.gz"
     provenance = json.loads((out / "sub-01_T1w_DLMUSE.json").read_text())
-    assert provenance["TestTimeAugmentation"] is False and provenance["TileStepSize"] == 0.5
+    for how in provenance["Inference"].values():
+        assert how["TestTimeAugmentation"] is False and how["TileStepSize"] == 0.5
     assert provenance["Sources"] == [str(head_file)]
     os.utime(seg, (1_000_000_000, 1_000_000_000))
     capsys.readouterr()
@@ -127,7 +128,8 @@ def test_outputs_made_with_the_same_settings_are_kept(tiny_models, head_file, tm
     assert _run(*args, "--step-size", "0.75") == 0
     assert seg.stat().st_mtime > 1_000_000_000
     assert "1 processed, 0 skipped" in capsys.readouterr().err
-    assert json.loads((out / "sub-01_T1w_DLMUSE.json").read_text())["TileStepSize"] == 0.75
+    how = json.loads((out / "sub-01_T1w_DLMUSE.json").read_text())["Inference"]
+    assert how["DLICV"]["TileStepSize"] == how["DLMUSE"]["TileStepSize"] == 0.75
     os.utime(seg, (1_000_000_000, 1_000_000_000))
     assert _run(*args, "--step-size", "0.75", "--overwrite") == 0
     assert seg.stat().st_mtime > 1_000_000_000

@@ -182,6 +182,8 @@ def test_pipeline_matches_nichart_dlmuse(tiny_models, tmp_path):
                 "--model-dir",
                 str(tiny_models),
                 "--no-tta",
+                "--mode",
+                "exact",  # both networks as nnU-Net computes them: NiChart's arithmetic
                 "--threads",
                 "2",
             ]

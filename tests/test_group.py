@@ -19,7 +19,7 @@ def _fake_outputs(source, out, seed):
     paths["volumes"].parent.mkdir(parents=True, exist_ok=True)
     table = roi_volume_table(labels, (1.0, 1.0, 1.5))
     table.to_csv(paths["volumes"], sep="\t", index=False, na_rep="n/a")
-    write_json_atomic(paths["dseg_json"], Provenance("0.1", True, 0.5, {}).metadata())
+    write_json_atomic(paths["dseg_json"], Provenance("0.1", {}, {}).metadata())
     return table
 
 

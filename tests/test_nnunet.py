@@ -335,3 +335,70 @@ def test_head_in_pieces_is_the_whole_head(mirror, fast):
     assert pieces.dtype == whole.dtype == torch.float32
     assert pieces.is_contiguous(memory_format=layout)
     assert torch.equal(pieces, whole)
+
+
+@needs_shared
+@pytest.mark.parametrize("layout", ["fortran", "flipped-transposed"])
+def test_the_memory_layout_of_the_input_changes_nothing(tiny_models, layout):
+    """The same voxels in another memory layout are normalised bit for bit alike (bf16 would
+    otherwise turn last-bit differences of the z-score into different labels)."""
+    from dlmuse_bids.models import find_model, load_trained_model
+    from dlmuse_bids.settings import InferenceOptions
+    from tests.conftest import synthetic_head
+
+    data = np.asarray(synthetic_head().dataobj, dtype=np.float32)
+    if layout == "fortran":
+        other = np.asfortranarray(data)
+    else:  # a view with negative and permuted strides holding the same array values
+        other = np.flip(
+            np.ascontiguousarray(np.flip(data, 0).transpose(2, 1, 0)).transpose(2, 1, 0), 0
+        )
+    assert np.array_equal(other, data) and other.strides != data.strides
+    model = load_trained_model(find_model("DLICV", [tiny_models]))
+    predictor = model.predictor(InferenceOptions(device="cpu", num_threads=1, use_mirroring=False))
+    zooms = (2.0, 2.0, 2.0)
+    assert np.array_equal(
+        predictor.preprocess(data, zooms)[0], predictor.preprocess(other, zooms)[0]
+    )
+
+
+_LABELS_SCRIPT = """
+import sys
+import numpy as np
+from pathlib import Path
+from dlmuse_bids.models import find_model, load_trained_model
+from dlmuse_bids.nnunet.memory import retain_freed_memory
+from dlmuse_bids.settings import InferenceOptions
+from tests.conftest import synthetic_head
+
+retained = retain_freed_memory() if sys.argv[2] == "retain" else False
+assert retain_freed_memory() is retained or sys.argv[2] != "retain"  # idempotent
+options = InferenceOptions(device="cpu", num_threads=1, use_mirroring=False)
+predictor = load_trained_model(find_model("DLICV", [Path(sys.argv[1])])).predictor(options)
+data = np.asarray(synthetic_head().dataobj, dtype=np.float32)
+for _ in range(2):  # the second prediction reuses what the first freed
+    labels = predictor.predict(data, (2.0, 2.0, 2.0))
+sys.stdout.write(f"{retained} {labels.tobytes().hex()}")
+"""
+
+
+@needs_shared
+def test_retaining_freed_memory_changes_no_label(tiny_models):
+    """glibc keeping freed blocks (a process-wide setting: each run in its own process) gives
+    bit-identical labels; it works here (Linux, glibc)."""
+    import subprocess
+    import sys
+
+    from tests.support.paths import REPO_ROOT
+
+    def labels(how: str) -> tuple[str, str]:
+        proc = subprocess.run(
+            [sys.executable, "-c", _LABELS_SCRIPT, str(tiny_models), how],
+            capture_output=True, text=True, check=True, cwd=REPO_ROOT,
+        )  # fmt: skip
+        return tuple(proc.stdout.split())
+
+    retained, with_it = labels("retain")
+    plain, without = labels("plain")
+    assert (retained, plain) == ("True", "False")
+    assert with_it == without

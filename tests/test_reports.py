@@ -76,7 +76,11 @@ def _write_outputs(source: Path, labels: np.ndarray, img: nib.Nifti1Image, out: 
     roi_volume_table(labels, zooms).to_csv(paths["volumes"], sep="\t", index=False)
     row = qc_row(labels, zooms, component_outcome="single", orientation="RAS")
     pd.DataFrame([row]).to_csv(paths["qc"], sep="\t", index=False, na_rep="n/a")
-    prov = Provenance("1.0", True, 0.5, {"DLMUSE": {"CheckpointSHA256": {"fold_0": "ab" * 32}}})
+    prov = Provenance(
+        "1.0",
+        {"DLMUSE": {"TestTimeAugmentation": True, "TileStepSize": 0.5, "Precision": "fp32"}},
+        {"DLMUSE": {"CheckpointSHA256": {"fold_0": "ab" * 32}}},
+    )
     meta = image_sidecar(source, raw, prov, Device="cpu", InferenceSeconds={"DLICV": 1.5})
     write_json_atomic(paths["dseg_json"], meta)
     write_json_atomic(paths["mask_json"], meta)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from dlmuse_bids.runner import Outcome, RunReport, plan_images, provenance
-from dlmuse_bids.settings import InferenceOptions, ModelInfo
+from dlmuse_bids.settings import ModelInfo, PipelineInference
 
 
 def _plan(sources, current=(), overwrite=False):
@@ -71,8 +72,14 @@ def test_a_submitted_run_says_how_to_check_it():
         ({"channels_last": True}, False),
     ],
 )
-def test_provenance_follows_every_option_but_threads(change, same):
+@pytest.mark.parametrize("network", ["dlicv", "dlmuse"])
+def test_provenance_follows_every_option_but_threads(change, same, network):
     models = {"DLICV": ModelInfo("DLICV", Path("/m/a"), (0,), {"fold_0": "ab"})}
-    base = InferenceOptions(device="cpu", num_threads=2)
-    mine = provenance("1.0", InferenceOptions(**{**base.__dict__, **change}), models)
+    base = PipelineInference.preset("exact", device="cpu", num_threads=2)
+    changed = replace(getattr(base, network), **change)
+    if "num_threads" in change:  # one process runs both networks with the same threads
+        other = replace(base, dlicv=changed, dlmuse=replace(base.dlmuse, **change))
+    else:
+        other = replace(base, **{network: changed})
+    mine = provenance("1.0", other, models)
     assert provenance("1.0", base, models).matches(mine.metadata()) is same

@@ -6,7 +6,14 @@ import os
 
 import pytest
 
-from dlmuse_bids.settings import available_cpus, container_info
+from dlmuse_bids.settings import (
+    MODES,
+    NETWORKS,
+    InferenceOptions,
+    PipelineInference,
+    available_cpus,
+    container_info,
+)
 
 
 @pytest.fixture
@@ -47,3 +54,28 @@ def test_container_info():
         "Type": "docker",
         "Tag": "dlmuse-bids:0.1",
     }
+
+
+def test_the_modes_of_the_pipeline():
+
+    exact = PipelineInference.preset("exact", device="cpu", num_threads=2)
+    assert exact.dlicv == exact.dlmuse == InferenceOptions(device="cpu", num_threads=2)
+    default = PipelineInference.preset("default", device="cpu", num_threads=2)
+    assert default.dlmuse == exact.dlmuse  # DLMUSE as nnU-Net computes it
+    assert (default.dlicv.precision, default.dlicv.channels_last) == ("fast", True)
+    assert default.dlicv.use_mirroring
+    fast = PipelineInference.preset("fast")
+    assert not fast.dlicv.use_mirroring and not fast.dlmuse.use_mirroring
+    assert fast.dlicv == fast.dlmuse
+    assert PipelineInference() == PipelineInference.preset("default")
+    # overrides apply to both networks
+    no_tta = PipelineInference.preset("default", use_mirroring=False, precision="fp32")
+    assert [no_tta.network(n).use_mirroring for n in NETWORKS] == [False, False]
+    assert [no_tta.network(n).precision for n in NETWORKS] == ["fp32", "fp32"]
+    assert {PipelineInference.preset(m).mode for m in MODES} == set(MODES)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        PipelineInference.preset("turbo")
+    with pytest.raises(ValueError, match="network must be one of"):
+        exact.network("DLMUSE2")
+    with pytest.raises(ValueError, match="same device"):
+        PipelineInference(dlicv=InferenceOptions(device="cuda"), dlmuse=InferenceOptions())

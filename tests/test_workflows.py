@@ -10,12 +10,13 @@ import pandas as pd
 import pytest
 
 from dlmuse_bids import interfaces
-from dlmuse_bids.bids import Provenance, figure_paths, output_paths, source_entities
+from dlmuse_bids.bids import figure_paths, output_paths, source_entities
 from dlmuse_bids.io import load_t1w
 from dlmuse_bids.models import find_model, load_trained_model
 from dlmuse_bids.pipeline import STEPS, DLMUSEPipeline, step_sources
 from dlmuse_bids.reports.subject import write_subject_report
-from dlmuse_bids.settings import InferenceOptions
+from dlmuse_bids.runner import provenance
+from dlmuse_bids.settings import PipelineInference
 from dlmuse_bids.template import TEMPLATE, find_template, read_itk_affine
 from dlmuse_bids.workflows import (
     init_dlmuse_wf,
@@ -44,10 +45,10 @@ def test_workflow_equals_the_in_memory_pipeline(tiny_models, tmp_path, monkeypat
         write_scan(raw, "sub-02/anat/sub-02_T1w.nii", "sub-dep01_T1w.nii.gz"),  # float32
     ]
     models = _models(tiny_models)
-    inference = InferenceOptions(device="cpu", use_mirroring=False, num_threads=1)
-    prov = Provenance(
-        "test", False, 0.5, {k: v.provenance() for k, v in models.items()}, template=TEMPLATE
+    inference = PipelineInference.preset(
+        "default", device="cpu", use_mirroring=False, num_threads=1
     )
+    prov = provenance("test", inference, models, template=TEMPLATE)
     template, why = find_template(make_templateflow_home(tmp_path / "templateflow"))
     assert template is not None, why
     out = tmp_path / "out"
@@ -81,10 +82,9 @@ def test_workflow_equals_the_in_memory_pipeline(tiny_models, tmp_path, monkeypat
     info = interfaces.load_predictor.cache_info()
     assert (info.misses, info.hits) == (2, 2)
 
-    opts = InferenceOptions(device="cpu", num_threads=1, use_mirroring=False)
-    pipeline = DLMUSEPipeline(
-        load_trained_model(models["DLICV"].folder).predictor(opts),
-        load_trained_model(models["DLMUSE"].folder).predictor(opts),
+    pipeline = DLMUSEPipeline(  # the same options, network by network
+        load_trained_model(models["DLICV"].folder).predictor(inference.dlicv),
+        load_trained_model(models["DLMUSE"].folder).predictor(inference.dlmuse),
     )
     for source in sources:
         expected = pipeline.run(load_t1w(source))
@@ -129,13 +129,13 @@ def test_slurm_jobs_ask_for_what_their_node_needs(tiny_models, tmp_path, device)
     raw = tmp_path / "raw"
     source = write_scan(raw, "sub-01/anat/sub-01_T1w.nii.gz", "sub-otsu_T1w.nii.gz", step=1)
     models = _models(tiny_models)
-    prov = Provenance("test", False, 0.5, {k: v.provenance() for k, v in models.items()})
+    prov = provenance("test", PipelineInference(), models)
     wf = init_participant_wf(
         t1w_files=[source],
         bids_dir=tmp_path / "raw",
         output_dir=tmp_path / "out",
         models=models,
-        inference=InferenceOptions(device=device, use_mirroring=False, num_threads=3),
+        inference=PipelineInference.preset(device=device, use_mirroring=False, num_threads=3),
         provenance=prov,
     )
     request_slurm_resources(wf, "--partition=short --mem=9G")
@@ -167,7 +167,7 @@ def test_slurm_jobs_ask_for_what_their_node_needs(tiny_models, tmp_path, device)
         bids_dir=tmp_path / "raw",
         output_dir=tmp_path / "out",
         models=models,
-        inference=InferenceOptions(device="cpu", use_mirroring=False, num_threads=1),
+        inference=PipelineInference.preset(device="cpu", use_mirroring=False, num_threads=1),
         provenance=prov,
     )
     request_slurm_resources(wf)
@@ -189,8 +189,8 @@ def test_the_workflow_is_wired_as_pipeline_steps_say(tiny_models, tmp_path):
         bids_dir=tmp_path / "raw",
         output_dir=tmp_path / "out",
         models=models,
-        inference=InferenceOptions(device="cpu"),
-        provenance=Provenance("test", True, 0.5, {k: v.provenance() for k, v in models.items()}),
+        inference=PipelineInference(),
+        provenance=provenance("test", PipelineInference(), models),
         name="one",
     )
     steps = {step.name for step in STEPS}

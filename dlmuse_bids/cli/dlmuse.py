@@ -121,7 +121,8 @@ def _say(message: str) -> None:
 def _cmd_predict(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from ..io import InputImageError
 
-    options = inference_options(args, args.threads or available_cpus(env))
+    # one model of any kind: evaluated as DLMUSE is in the chosen mode (exact unless --fast)
+    options = inference_options(args, args.threads or available_cpus(env)).dlmuse
     try:
         predict_image(args.model, args.folds, args.input, args.output, options)
     except InputImageError as exc:

@@ -167,8 +167,12 @@ class Predictor:
     def preprocess(self, image: np.ndarray, zooms: Sequence[float]) -> tuple[np.ndarray, dict]:
         """Transpose, crop to non-zero, normalise and resample one 3-D image (NIfTI order)."""
         arr, spacing = self._to_model_axes(np.asarray(image), zooms)
+        # C order in the model's axes, as nnU-Net's reader gives it: the normalisation's sums
+        # then run in one order whatever the caller's memory layout (a flipped or transposed
+        # view of the same voxels), so the same voxels always give the same labels
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
         tf = self.config.transpose_forward
-        data = arr[None].astype(np.float32).transpose(0, *[t + 1 for t in tf])
+        data = arr[None].transpose(0, *[t + 1 for t in tf])
         spacing_t = [spacing[i] for i in tf]
         shape_before = data.shape[1:]
         bbox, mask = nonzero_bbox(data)

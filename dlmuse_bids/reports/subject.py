@@ -130,13 +130,14 @@ def _provenance_block(sidecar: Mapping[str, Any]) -> str:
     rows = [
         ("software", f"dlmuse-bids {sidecar.get('SoftwareVersion', 'n/a')}"),
         ("device", sidecar.get("Device", "n/a")),
-        ("precision", sidecar.get("Precision", "n/a")),
-        (
-            "test-time augmentation",
-            "mirroring (8x)" if sidecar.get("TestTimeAugmentation") else "off",
-        ),
-        ("tile step", sidecar.get("TileStepSize", "n/a")),
+        ("inference mode", sidecar.get("InferenceMode", "n/a")),
     ]
+    for name, how in (sidecar.get("Inference") or {}).items():
+        tta = "mirroring (8x)" if how.get("TestTimeAugmentation") else "no test-time augmentation"
+        step = how.get("TileStepSize", "n/a")
+        rows.append(
+            (f"{name} inference", f"{how.get('Precision', 'n/a')}; {tta}; tile step {step}")
+        )
     seconds = sidecar.get("InferenceSeconds") or {}
     if seconds:
         rows.append(("time taken", ", ".join(f"{k} {float(v):.1f} s" for k, v in seconds.items())))

@@ -11,7 +11,7 @@ from typing import Any
 from ..bids import BIDSError, Provenance
 from ..io import unwritable
 from ..models import ModelError
-from ..settings import InferenceOptions, ModelInfo, ModelSources
+from ..settings import NETWORKS, InferenceOptions, ModelInfo, ModelSources, PipelineInference
 
 logger = logging.getLogger(__name__)
 
@@ -121,17 +121,26 @@ def require_writable(directory: Path) -> None:
 
 
 # -- models and provenance --------------------------------------------------------------------
-def precision_label(inference: InferenceOptions) -> str:
-    """The arithmetic the networks will use, as the sidecars record it (e.g. ``bf16``)."""
+def precision_label(options: InferenceOptions) -> str:
+    """The arithmetic a network will use, as sidecars record it (e.g. ``bf16, channels-last``)."""
     from ..nnunet.predictor import resolve_device, resolve_precision
 
-    label = resolve_precision(inference.precision, resolve_device(inference.device))
-    return f"{label}, channels-last" if inference.channels_last else label
+    label = resolve_precision(options.precision, resolve_device(options.device))
+    return f"{label}, channels-last" if options.channels_last else label
+
+
+def network_provenance(options: InferenceOptions) -> dict[str, Any]:
+    """How one network was evaluated, as the sidecars record it (``Inference.<network>``)."""
+    return {
+        "TestTimeAugmentation": options.use_mirroring,
+        "TileStepSize": options.tile_step_size,
+        "Precision": precision_label(options),
+    }
 
 
 def provenance(
     version: str,
-    inference: InferenceOptions,
+    inference: PipelineInference,
     models: Mapping[str, ModelInfo],
     template: str | None = None,
     t1w_volume: int | None = None,
@@ -139,11 +148,10 @@ def provenance(
     """What outputs must share with this run to be kept (:meth:`Provenance.matches`)."""
     return Provenance(
         version=version,
-        tta=inference.use_mirroring,
-        step_size=inference.tile_step_size,
+        inference={name: network_provenance(inference.network(name)) for name in NETWORKS},
         models={key: info.provenance() for key, info in models.items()},
         template=template,
-        precision=precision_label(inference),
+        mode=inference.mode,
         t1w_volume=t1w_volume,
     )
 

@@ -11,10 +11,7 @@ from pathlib import Path
 from ..bids import Provenance
 from ..io import InputImageError, load_t1w, nifti_stem
 from ..models import ModelError
-from ..settings import (
-    InferenceOptions,
-    NiftiRunSettings,
-)
+from ..settings import NETWORKS, InferenceOptions, NiftiRunSettings
 from .core import (
     Outcome,
     OutputError,
@@ -108,11 +105,13 @@ def run_nifti(settings: NiftiRunSettings, say: Say, progress=None) -> RunReport:
 
     from ..labels import nichart_mrid, nichart_volumes_row, write_nichart_csv
     from ..models import load_trained_model
+    from ..nnunet.memory import retain_freed_memory
     from ..pipeline import DLMUSEPipeline
 
     start = time.monotonic()
     out = settings.output_dir
     require_writable(out)
+    retain_freed_memory()  # tiles reuse freed memory: no page faults (bit-identical outputs)
     models = {
         key: load_trained_model(folder)
         for key, folder in model_folders(settings.models, say, progress).items()
@@ -122,7 +121,9 @@ def run_nifti(settings: NiftiRunSettings, say: Say, progress=None) -> RunReport:
     infos = {key: m.info(key) for key, m in models.items()}
     prov = provenance(settings.version, settings.inference, infos)
     try:
-        pipeline = DLMUSEPipeline(*(models[k].predictor(settings.inference) for k in infos))
+        pipeline = DLMUSEPipeline(
+            *(models[k].predictor(settings.inference.network(k)) for k in NETWORKS)
+        )
     except ValueError as exc:
         raise ModelError(str(exc)) from exc
 
