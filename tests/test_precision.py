@@ -71,15 +71,15 @@ FAST, EXACT = ("fast", True), ("auto", False)  # (precision, channels-last)
 @pytest.mark.parametrize(
     ("argv", "mode", "step", "mirroring", "dlicv", "dlmuse"),
     [
-        ([], "default", 0.5, True, FAST, EXACT),
-        (["--no-tta"], "default", 0.5, False, FAST, EXACT),
+        ([], "default", 0.5, True, EXACT, EXACT),
+        (["--no-tta"], "default", 0.5, False, EXACT, EXACT),
         (["--mode", "exact"], "exact", 0.5, True, EXACT, EXACT),
         (
             ["--precision", "bf16", "--step-size", "0.25"],
             "default",
             0.25,
             True,
-            ("bf16", True),
+            ("bf16", False),
             ("bf16", False),
         ),
         (["--fast"], "fast", 0.5, False, FAST, FAST),
@@ -124,15 +124,14 @@ def test_the_sidecar_label_of_the_settings(tmp_path):
     # a GPU-less machine resolves auto to the CPU, where --fast means the same
     auto = make_settings(build_parser().parse_args([*args_of(tmp_path), "--fast"]), {})
     assert precision_label(auto.inference.dlmuse) == f"{expected}, channels-last"
-    # the default mode: DLICV fast, DLMUSE as nnU-Net
+    # the default mode: both networks as nnU-Net
     default = make_settings(build_parser().parse_args(args_of(tmp_path)), {}).inference
-    assert precision_label(default.dlicv) == f"{expected}, channels-last"
-    assert precision_label(default.dlmuse) == "fp32"
+    assert precision_label(default.dlicv) == precision_label(default.dlmuse) == "fp32"
 
 
 @pytest.mark.skipif(not STANDIN_DLICV.is_dir(), reason=f"{STANDIN_DLICV} (DLICV stand-in) absent")
 def test_faster_dlicv_arithmetic_keeps_the_answer():
-    """The default mode's DLICV arithmetic (bf16 where native, channels-last) labels a real head
+    """The fast mode's DLICV arithmetic (bf16 where native, channels-last) labels a real head
     like fp32 does, on a brain-trained model (random weights are near-ties everywhere)."""
     img = nib.load(DATA_DIR / "t1w" / "sub-otsu_T1w.nii.gz")
     # one DLICV tile of the 1 mm head around its centre: the brain, the skull and some air
@@ -143,12 +142,12 @@ def test_faster_dlicv_arithmetic_keeps_the_answer():
     data = np.asarray(img.dataobj, dtype=np.float32)[box]
     zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
     model = load_trained_model(STANDIN_DLICV)
-    default = PipelineInference.preset("default", device="cpu", num_threads=2, use_mirroring=False)
+    preset = PipelineInference.preset("fast", device="cpu", num_threads=2)
 
     def labels(options):
         return model.predictor(options).predict(data, zooms)
 
-    fast = default.dlicv  # bf16 on this CPU if it has native bf16, fp32 otherwise; channels-last
+    fast = preset.dlicv  # bf16 on this CPU if it has native bf16, fp32 otherwise; channels-last
     exact = labels(replace(fast, precision="fp32", channels_last=False))
     assert 0.2 < exact.mean() < 0.8, "the crop holds brain and non-brain"
     assert (labels(replace(fast, precision="fp32")) == exact).mean() >= 0.999

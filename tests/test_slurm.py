@@ -269,7 +269,7 @@ def test_a_cancelled_task_is_completed_by_rerunning_it_alone(
 def test_slurmgraph_submits_the_whole_graph_and_a_rerun_checks_it(
     cluster, dataset, local_out, tiny_models, tmp_path
 ):
-    """One image (its 13 steps are 13 jobs, each a new Python process): a shorter test."""
+    """One image (its 15 steps are 15 jobs, each a new Python process): a shorter test."""
     raw, digest = dataset
     out = tmp_path / "out"
     before = set(cluster.jobs())
@@ -282,7 +282,16 @@ def test_slurmgraph_submits_the_whole_graph_and_a_rerun_checks_it(
     _wait_for(lambda: not cluster.run("squeue", "--noheader"), "the submitted graph", 600)
     jobs = {k: v for k, v in cluster.jobs().items() if k not in before}
     # every step of every image is a job, chained by dependencies: all ran, none failed
-    steps = (*SUBMITTED, "volumes", "qc", "seconds", "sidecars", *SINK_NODES)
+    steps = (
+        *SUBMITTED,
+        "volumes",
+        "qc",
+        "seconds",
+        "sidecars",
+        "mosaic",
+        "ds_mosaic",
+        *SINK_NODES,
+    )
     assert sorted(job["name"].split("_", 1)[1] for job in jobs.values()) == sorted(steps)
     assert {job["state"] for job in jobs.values()} == {"COMPLETED"}, cluster.logs()
     checked = subprocess.run(cmd, env=cluster.env, capture_output=True, text=True, cwd=tmp_path)

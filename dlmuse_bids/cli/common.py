@@ -122,9 +122,8 @@ def add_inference_options(p: argparse.ArgumentParser, device_default: str) -> No
         "--mode",
         choices=MODES,
         default="default",
-        help="default: DLMUSE exactly as nnU-Net computes it, DLICV in bf16/channels-last where "
-        "faster (>= 99.9 %% voxel agreement, measured); exact: both networks as nnU-Net; "
-        "fast: no test-time augmentation and bf16/channels-last for both (see README, Speed)",
+        help="default and exact: both networks as nnU-Net computes them; fast: no test-time "
+        "augmentation and bf16/channels-last for both (see README, Inference modes)",
     )
     p.add_argument("--fast", action="store_true", help="the same as --mode fast")
     p.add_argument(
