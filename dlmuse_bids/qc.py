@@ -209,13 +209,18 @@ def measures(
 def template_measures(
     name: str, rotation_deg: float, scale: float, ncc: float, etiv_l: float
 ) -> dict[str, Any]:
-    """What the QC table keeps of a template alignment (see :mod:`dlmuse_bids.template`)."""
+    """What the QC table keeps of a template alignment (see :mod:`dlmuse_bids.template`).
+
+    Rounded to 9 decimals: far below what the measures can tell, and above the last-bit
+    differences of another libm or BLAS, so the table is the same in the container and on the
+    host.
+    """
     return {
         "template": name,
-        "template_rotation_deg": rotation_deg,
-        "template_scale": scale,
-        "template_ncc": ncc,
-        "etiv_l": etiv_l,
+        "template_rotation_deg": round(float(rotation_deg), 9),
+        "template_scale": round(float(scale), 9),
+        "template_ncc": round(float(ncc), 9),
+        "etiv_l": round(float(etiv_l), 9),
     }
 
 
