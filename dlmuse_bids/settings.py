@@ -49,10 +49,10 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16", "fast")
 #: The pipeline's networks, in the order they run.
 NETWORKS = ("DLICV", "DLMUSE")
 #: Inference modes (:meth:`PipelineInference.preset`): ``exact`` is nnunetv2's computation for
-#: both networks; ``default`` is, for now, the same arithmetic (bf16/channels-last DLICV agrees
-#: to 99.98 % on a brain-trained DLICV, benchmarks/results/dlicv_agreement.md, but its labels
-#: change with the thread count, so it is not the default until that is fixed); ``fast`` drops
-#: mirroring and uses bf16/channels-last on both networks (labels depend on the thread count).
+#: both networks; ``default`` runs DLICV in bf16 on channels-last kernels, one thread per network
+#: pass (99.98 % of nnunetv2's voxels on a brain-trained DLICV,
+#: benchmarks/results/dlicv_agreement.md, and the same labels whatever the thread count) and
+#: DLMUSE exactly; ``fast`` also drops mirroring and runs DLMUSE in bf16/channels-last.
 MODES = ("default", "exact", "fast")
 
 
@@ -71,6 +71,9 @@ class InferenceOptions:
     use_mirroring: bool = True
     precision: str = "auto"
     channels_last: bool = False  # channels-last 3-D memory layout (faster oneDNN kernels)
+    # None: every network pass uses all threads, one at a time (nnU-Net). k: each pass on k
+    # threads, several at once; the labels then depend on k, never on the number of threads
+    threads_per_pass: int | None = None
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -83,12 +86,32 @@ class InferenceOptions:
             raise ValueError(f"tile step size must be in (0, 1], not {self.tile_step_size}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be at least 1, not {self.num_threads}")
+        if self.threads_per_pass is not None and self.threads_per_pass < 1:
+            raise ValueError(f"threads_per_pass must be at least 1, not {self.threads_per_pass}")
 
     def hashed(self) -> dict[str, Any]:
         """The fields that can change a result (all but ``num_threads``), for nipype's hash."""
         fields = asdict(self)
         del fields["num_threads"]
         return fields
+
+
+#: The arithmetic options of the modes' networks (:meth:`PipelineInference.preset`).
+_ARITHMETIC: dict[str, dict[str, Any]] = {
+    "exact": {"precision": "auto", "channels_last": False},
+    # bf16 on channels-last kernels, each pass on one thread, so that the labels do not depend
+    # on the node's thread count (those kernels split their sums by thread)
+    "quick": {"precision": "fast", "channels_last": True, "threads_per_pass": 1},
+    # DLMUSE's 152-class passes are too big to hold several at once: all threads on each (its
+    # labels in ``fast`` then move slightly with the thread count; the README says so)
+    "quick-shared": {"precision": "fast", "channels_last": True},
+}
+#: (DLICV, DLMUSE) arithmetic of each mode.
+_MODE_ARITHMETIC = {
+    "exact": ("exact", "exact"),
+    "default": ("quick", "exact"),
+    "fast": ("quick", "quick-shared"),
+}
 
 
 @dataclass(frozen=True)
@@ -99,8 +122,12 @@ class PipelineInference:
     the preset the options came from (:data:`MODES`), as the sidecars record it.
     """
 
-    dlicv: InferenceOptions = field(default_factory=InferenceOptions)
-    dlmuse: InferenceOptions = field(default_factory=InferenceOptions)
+    dlicv: InferenceOptions = field(
+        default_factory=lambda: InferenceOptions(**_ARITHMETIC[_MODE_ARITHMETIC["default"][0]])
+    )
+    dlmuse: InferenceOptions = field(
+        default_factory=lambda: InferenceOptions(**_ARITHMETIC[_MODE_ARITHMETIC["default"][1]])
+    )
     mode: str = "default"
 
     def __post_init__(self) -> None:
@@ -127,12 +154,7 @@ class PipelineInference:
         for both networks (``--no-tta``, ``--precision``)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
-        fast = {"precision": "fast", "channels_last": True}
-        exact = {"precision": "auto", "channels_last": False}
-        # channels-last (fp32 or bf16) labels change with the thread count: only in ``fast``
-        dlicv, dlmuse = {"exact": (exact, exact), "default": (exact, exact), "fast": (fast, fast)}[
-            mode
-        ]
+        dlicv, dlmuse = (_ARITHMETIC[name] for name in _MODE_ARITHMETIC[mode])
         mirroring = mode != "fast" if use_mirroring is None else use_mirroring
         common = {
             "device": device,

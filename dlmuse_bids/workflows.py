@@ -31,8 +31,9 @@ from .settings import NETWORKS, ModelInfo, PipelineInference
 from .template import TemplateFiles
 
 #: Memory asked for one full-width network node per input voxel: 4.5 GiB for a 176x238x169 scan,
-#: models included. The measured peak of the whole pipeline on that scan is 3.0-3.4 GiB
-#: (benchmarks/results/); the margin covers scans whose crop or grid is larger for their size.
+#: models included. The measured peak of the whole pipeline on that scan is 2.9-3.9 GiB (the
+#: higher on a Xeon with AMX; benchmarks/results/); the margin covers scans whose crop or grid
+#: is larger for their size.
 _GIB_PER_VOXEL = 4.5 / (176 * 238 * 169)
 #: Memory any submitted job needs, whatever its node does: Python with nipype and torch loaded.
 _JOB_MEM_FLOOR_GB = 1.0

@@ -402,3 +402,55 @@ def test_retaining_freed_memory_changes_no_label(tiny_models):
     plain, without = labels("plain")
     assert (retained, plain) == ("True", "False")
     assert with_it == without
+
+
+@needs_shared
+@pytest.mark.parametrize("mirror", [None, (0, 1, 2)], ids=["plain", "mirrored"])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_passes_run_together_give_one_pass_at_a_time_on_one_thread(mirror, threads):
+    """Several one-thread passes at once (tiles and mirrorings) sum to what one pass at a time
+    on one thread gives, bit for bit, and the thread count is restored after."""
+    from dlmuse_bids.nnunet.sliding_window import sliding_window_logits, torch_threads
+
+    plans, dataset = _load(DLICV_PLANS_SOURCE)
+    config = parse_plans(plans, dataset)
+    torch.manual_seed(0)
+    net = build_network(config.architecture, 1, config.num_classes).to(
+        memory_format=torch.channels_last_3d
+    )
+    data = torch.randn(1, 48, 40, 40)  # 2 x 2 x 2 tiles of 32^3
+
+    def logits(n: int, threads_per_pass: int | None) -> torch.Tensor:
+        with torch_threads(n):
+            out = sliding_window_logits(
+                net, data, config.num_classes, (32, 32, 32), mirror_axes=mirror,
+                autocast_dtype=torch.bfloat16, channels_last=True,
+                threads_per_pass=threads_per_pass,
+            )  # fmt: skip
+            assert torch.get_num_threads() == n
+        return out
+
+    assert torch.equal(logits(threads, 1), logits(1, None))
+    if threads > 1 and mirror is None:  # the control: these kernels split their sums by thread
+        assert not torch.equal(logits(threads, None), logits(1, None))
+
+
+@needs_shared
+def test_a_failing_pass_is_raised_and_stops_the_rest():
+    from dlmuse_bids.nnunet.sliding_window import sliding_window_logits, torch_threads
+
+    calls = []
+
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError("pass 3 failed")
+            return torch.zeros(x.shape[0], 2, *x.shape[2:])
+
+    with torch_threads(2), pytest.raises(RuntimeError, match="pass 3 failed"):
+        sliding_window_logits(
+            Broken(), torch.zeros(1, 64, 64, 64), 2, (16, 16, 16), mirror_axes=(0, 1, 2),
+            threads_per_pass=1,
+        )  # fmt: skip
+    assert len(calls) <= 3 + 3  # the passes already submitted, never the other 509

@@ -65,26 +65,34 @@ def test_bf16_mirror_average_is_accumulated_in_fp32():
     assert out.dtype == torch.float32
 
 
-FAST, EXACT = ("fast", True), ("auto", False)  # (precision, channels-last)
+# (precision, channels-last, threads per pass)
+ONE_THREAD, SHARED, EXACT = ("fast", True, 1), ("fast", True, None), ("auto", False, None)
 
 
 @pytest.mark.parametrize(
     ("argv", "mode", "step", "mirroring", "dlicv", "dlmuse"),
     [
-        ([], "default", 0.5, True, EXACT, EXACT),
-        (["--no-tta"], "default", 0.5, False, EXACT, EXACT),
+        ([], "default", 0.5, True, ONE_THREAD, EXACT),
+        (["--no-tta"], "default", 0.5, False, ONE_THREAD, EXACT),
         (["--mode", "exact"], "exact", 0.5, True, EXACT, EXACT),
         (
             ["--precision", "bf16", "--step-size", "0.25"],
             "default",
             0.25,
             True,
-            ("bf16", False),
-            ("bf16", False),
+            ("bf16", True, 1),
+            ("bf16", False, None),
         ),
-        (["--fast"], "fast", 0.5, False, FAST, FAST),
-        (["--mode", "fast"], "fast", 0.5, False, FAST, FAST),
-        (["--fast", "--precision", "fp32"], "fast", 0.5, False, ("fp32", True), ("fp32", True)),
+        (["--fast"], "fast", 0.5, False, ONE_THREAD, SHARED),
+        (["--mode", "fast"], "fast", 0.5, False, ONE_THREAD, SHARED),
+        (
+            ["--fast", "--precision", "fp32"],
+            "fast",
+            0.5,
+            False,
+            ("fp32", True, 1),
+            ("fp32", True, None),
+        ),
     ],
 )
 def test_the_options_reach_the_settings_whole(
@@ -94,12 +102,9 @@ def test_the_options_reach_the_settings_whole(
     args = build_parser().parse_args([str(tmp_path / "in"), "/out", "participant", *argv])
     inference = make_settings(args, {}).inference
     assert inference.mode == mode
-    for options, (precision, channels_last) in (
-        (inference.dlicv, dlicv),
-        (inference.dlmuse, dlmuse),
-    ):
+    for options, arithmetic in ((inference.dlicv, dlicv), (inference.dlmuse, dlmuse)):
         assert (options.tile_step_size, options.use_mirroring) == (step, mirroring)
-        assert (options.precision, options.channels_last) == (precision, channels_last)
+        assert (options.precision, options.channels_last, options.threads_per_pass) == arithmetic
 
 
 def test_a_bad_step_size_is_a_usage_error(capsys):
@@ -124,9 +129,10 @@ def test_the_sidecar_label_of_the_settings(tmp_path):
     # a GPU-less machine resolves auto to the CPU, where --fast means the same
     auto = make_settings(build_parser().parse_args([*args_of(tmp_path), "--fast"]), {})
     assert precision_label(auto.inference.dlmuse) == f"{expected}, channels-last"
-    # the default mode: both networks as nnU-Net
+    # the default mode: DLICV faster, DLMUSE as nnU-Net
     default = make_settings(build_parser().parse_args(args_of(tmp_path)), {}).inference
-    assert precision_label(default.dlicv) == precision_label(default.dlmuse) == "fp32"
+    assert precision_label(default.dlicv) == f"{expected}, channels-last"
+    assert precision_label(default.dlmuse) == "fp32"
 
 
 @pytest.mark.skipif(not STANDIN_DLICV.is_dir(), reason=f"{STANDIN_DLICV} (DLICV stand-in) absent")

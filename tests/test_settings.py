@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import pytest
 
@@ -61,12 +62,17 @@ def test_the_modes_of_the_pipeline():
     exact = PipelineInference.preset("exact", device="cpu", num_threads=2)
     assert exact.dlicv == exact.dlmuse == InferenceOptions(device="cpu", num_threads=2)
     default = PipelineInference.preset("default", device="cpu", num_threads=2)
-    # the default is nnU-Net's arithmetic too: channels-last labels depend on the thread count
-    assert (default.dlicv, default.dlmuse) == (exact.dlicv, exact.dlmuse)
+    # DLICV in bf16 on channels-last kernels, one thread per pass (labels independent of the
+    # thread count); DLMUSE as nnU-Net
+    assert default.dlicv == replace(
+        exact.dlicv, precision="fast", channels_last=True, threads_per_pass=1
+    )
+    assert default.dlmuse == exact.dlmuse
     assert default.mode == "default"
-    fast = PipelineInference.preset("fast")
-    assert not fast.dlicv.use_mirroring and not fast.dlmuse.use_mirroring
-    assert fast.dlicv == fast.dlmuse
+    fast = PipelineInference.preset("fast", device="cpu", num_threads=2)
+    assert fast.dlicv == replace(default.dlicv, use_mirroring=False)
+    # DLMUSE's big passes share the threads
+    assert fast.dlmuse == replace(fast.dlicv, threads_per_pass=None)
     assert PipelineInference() == PipelineInference.preset("default")
     # overrides apply to both networks
     no_tta = PipelineInference.preset("default", use_mirroring=False, precision="fp32")

@@ -7,10 +7,9 @@ spacings and ``transpose_forward`` mean what they meant at training time.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,7 +27,7 @@ from .preprocessing import (
     streaming_argmax,
     zscore,
 )
-from .sliding_window import sliding_window_logits, tile_slicers
+from .sliding_window import sliding_window_logits, tile_slicers, torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -87,20 +86,6 @@ class PredictionInfo:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-@contextlib.contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """Use ``n`` intra-op threads inside the block (torch's setting is process-wide)."""
-    if not n:
-        yield
-        return
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 class Predictor:
     """An nnU-Net v2 model (one or more folds) ready to segment images.
 
@@ -130,6 +115,8 @@ class Predictor:
         self.device = torch_device(options.device)
         self.precision = resolve_precision(options.precision, self.device.type)
         self.mirror_axes = tuple(mirror_axes) if (mirror_axes and options.use_mirroring) else None
+        # passes run several at a time only on a CPU (oneDNN's thread-split sums)
+        self.threads_per_pass = options.threads_per_pass if self.device.type == "cpu" else None
         self.fold_weights = list(fold_weights)
         self.network = build_network(
             config.architecture, config.num_input_channels, config.num_classes
@@ -213,6 +200,7 @@ class Predictor:
                 results_device=self.device,
                 autocast_dtype=_AUTOCAST_DTYPES.get(self.precision),
                 channels_last=self.options.channels_last,
+                threads_per_pass=self.threads_per_pass,
             ).to("cpu")
             if result is None:
                 result = fold

@@ -8,8 +8,11 @@ wherever the network outputs do.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
 import numpy as np
@@ -198,6 +201,113 @@ def _accumulate(view: torch.Tensor, prediction: torch.Tensor, gaussian: torch.Te
         view[part].copy_(view[part].float().add_(chunk))
 
 
+def _autocast(
+    device: torch.device, dtype: torch.dtype | None
+) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _tile_predictions(
+    network: torch.nn.Module,
+    tiles: Iterator[tuple[tuple[slice, ...], torch.Tensor]],
+    mirror_axes: Sequence[int] | None,
+    autocast_dtype: torch.dtype | None,
+) -> Iterator[tuple[tuple[slice, ...], torch.Tensor]]:
+    """Each tile's (C, ...) prediction, one tile at a time with all of torch's threads."""
+    for sl, tile in tiles:
+        with _autocast(tile.device, autocast_dtype):
+            prediction = predict_tile(network, tile, mirror_axes)[0]
+        del tile
+        yield sl, prediction
+
+
+def _network_pass(
+    network: torch.nn.Module,
+    tile: torch.Tensor,
+    dims: tuple[int, ...],
+    autocast_dtype: torch.dtype | None,
+    threads: int,
+) -> torch.Tensor:
+    """The network's output for ``tile`` mirrored along ``dims``, mirrored back, on ``threads``.
+
+    OpenMP's thread count belongs to the calling thread, so it is set in every pass.
+    """
+    torch.set_num_threads(threads)
+    with torch.inference_mode(), _autocast(tile.device, autocast_dtype):
+        out = network(torch.flip(tile, dims) if dims else tile)
+    if out.dtype == torch.bfloat16:
+        out = out.float()
+    return torch.flip(out, dims) if dims else out
+
+
+def _tile_predictions_parallel(
+    network: torch.nn.Module,
+    tiles: Iterator[tuple[tuple[slice, ...], torch.Tensor]],
+    mirror_axes: Sequence[int] | None,
+    autocast_dtype: torch.dtype | None,
+    threads_per_pass: int,
+) -> Iterator[tuple[tuple[slice, ...], torch.Tensor]]:
+    """As :func:`_tile_predictions`, the passes of all tiles run several at a time.
+
+    Each pass runs on ``threads_per_pass`` threads; the passes of a tile are summed in
+    :func:`predict_tile`'s order (unmirrored first, then :func:`mirror_combinations`) and
+    divided once, as there, so the result is what :func:`predict_tile` gives on
+    ``threads_per_pass`` threads, bit for bit, whatever the number of workers. At most
+    ``workers + 1`` passes are submitted ahead of the one being summed.
+    """
+    passes = [(), *(mirror_combinations(mirror_axes) if mirror_axes else [])]
+    workers = max(1, torch.get_num_threads() // threads_per_pass)
+    jobs = ((sl, tile, dims) for sl, tile in tiles for dims in passes)
+    pending: deque = deque()
+    with (
+        torch_threads(threads_per_pass),
+        ThreadPoolExecutor(workers, thread_name_prefix="dlmuse-pass") as pool,
+    ):
+
+        def submit_next() -> None:
+            job = next(jobs, None)
+            if job is not None:
+                sl, tile, dims = job
+                args = (network, tile, dims, autocast_dtype, threads_per_pass)
+                pending.append((sl, pool.submit(_network_pass, *args)))
+
+        try:
+            for _ in range(workers + 1):
+                submit_next()
+            prediction, summed = None, 0
+            while pending:
+                sl, future = pending.popleft()
+                out = future.result()[0]
+                submit_next()
+                prediction = out if prediction is None else prediction.add_(out)
+                summed += 1
+                if summed == len(passes):
+                    if len(passes) > 1:
+                        prediction /= len(passes)
+                    yield sl, prediction
+                    prediction, summed = None, 0
+        finally:
+            for _, future in pending:
+                future.cancel()
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Use ``n`` intra-op threads inside the block (torch's setting is process-wide; None or 0:
+    leave it)."""
+    if not n:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 @torch.inference_mode()
 def sliding_window_logits(
     network: torch.nn.Module,
@@ -211,6 +321,7 @@ def sliding_window_logits(
     results_device: torch.device | None = None,
     autocast_dtype: torch.dtype | None = None,
     channels_last: bool = False,
+    threads_per_pass: int | None = None,
 ) -> torch.Tensor:
     """Gaussian-weighted sliding-window logits of a (C, X, Y, Z) float32 image.
 
@@ -235,6 +346,14 @@ def sliding_window_logits(
         Run the network under ``torch.autocast`` with this dtype (None: plain fp32).
     channels_last
         Feed tiles in the channels-last 3-D layout (the network must be converted too).
+    threads_per_pass
+        None: each network pass uses all of torch's threads, one pass at a time (as nnU-Net).
+        ``k``: each pass (one tile, one mirroring) runs on exactly ``k`` threads and
+        ``torch.get_num_threads() // k`` passes run at once; the outputs are summed in the
+        sequential order, so the logits do not depend on the number of threads, only on ``k``.
+        oneDNN's channels-last and bf16 kernels split their sums by thread, which makes this
+        the way to get reproducible labels from them. Each pass in flight holds its own
+        activations and output: meant for networks with few classes (DLICV).
 
     Returns
     -------
@@ -250,21 +369,22 @@ def sliding_window_logits(
     weights = torch.zeros(data.shape[1:], dtype=torch.half, device=results_device)
     gaussian = gaussian_importance(tile_size, results_device)
     gaussian_f32 = gaussian.float()
-    autocast = (
-        torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else None
-    )
     layout = torch.channels_last_3d if channels_last else torch.contiguous_format
-    for sl in slicers:
-        tile = torch.clone(data[(slice(None), *sl)][None], memory_format=layout).to(device)
-        if autocast is not None:
-            with autocast:
-                prediction = predict_tile(network, tile, mirror_axes)[0]
-        else:
-            prediction = predict_tile(network, tile, mirror_axes)[0]
+    tiles = (
+        (sl, torch.clone(data[(slice(None), *sl)][None], memory_format=layout).to(device))
+        for sl in slicers
+    )
+    if threads_per_pass is None:
+        predictions = _tile_predictions(network, tiles, mirror_axes, autocast_dtype)
+    else:
+        predictions = _tile_predictions_parallel(
+            network, tiles, mirror_axes, autocast_dtype, threads_per_pass
+        )
+    for sl, prediction in predictions:
         prediction = prediction.to(results_device)
         _accumulate(logits[(slice(None), *sl)], prediction, gaussian_f32)
         weights[sl] += gaussian
-        del tile, prediction  # not alive during the next tile's forward pass (0.8 GB for DLMUSE)
+        del prediction  # not alive during the next tile's forward pass (0.8 GB for DLMUSE)
     torch.div(logits, weights, out=logits)
     if torch.isinf(logits).any():
         raise FloatingPointError("infinite logits in the sliding-window average")

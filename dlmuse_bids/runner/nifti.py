@@ -105,13 +105,11 @@ def run_nifti(settings: NiftiRunSettings, say: Say, progress=None) -> RunReport:
 
     from ..labels import nichart_mrid, nichart_volumes_row, write_nichart_csv
     from ..models import load_trained_model
-    from ..nnunet.memory import retain_freed_memory
     from ..pipeline import DLMUSEPipeline
 
     start = time.monotonic()
     out = settings.output_dir
     require_writable(out)
-    retain_freed_memory()  # tiles reuse freed memory: no page faults (bit-identical outputs)
     models = {
         key: load_trained_model(folder)
         for key, folder in model_folders(settings.models, say, progress).items()
