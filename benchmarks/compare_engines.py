@@ -9,13 +9,22 @@ nnunetv2 it is ``nnUNetPredictor.predict_single_npy_array`` on the image as nnU-
 SimpleITK reader would give it.
 
 Every (engine, scan) pair runs in a fresh process, so each peak RSS is its own. The table gives
-per-stage seconds, CPU seconds, peak RSS, and the voxel agreement of the two label maps.
+per-stage seconds, CPU seconds, peak RSS, DLMUSE's network grid, and the voxel agreement of the
+two label maps.
+
+A random-weight DLICV draws a random mask, which would give DLMUSE a crop of a different size in
+each engine whose DLICV arithmetic differs (and on each CPU), so DLMUSE's time and memory would
+not compare. With ``--icv standin`` (the default where ``../shared/models-standin`` is) every
+engine still runs its full-width DLICV network, timed, but hands the pipeline one fixed mask
+per scan: the brain-trained DLICV stand-in's (1.15-1.6x a real ICV, so DLMUSE's crop errs
+large). ``--icv network`` keeps the random network's own mask.
 
 Usage::
 
     python benchmarks/compare_engines.py [--scans sub-otsu_T1w.nii.gz sub-chris_T1w.nii.gz]
         [--tta on|off] [--threads 2] [--device cpu|cuda]
-        [--engines default exact fast nnunetv2] [--retain-memory] [--models DIR]
+        [--engines default exact fast nnunetv2] [--retain-memory] [--icv standin|network]
+        [--models DIR]
         [--out benchmarks/results] [--stem NAME]
 
 Engines: our ``exact``, ``default`` and ``fast`` modes as the commands run them, and
@@ -87,6 +96,38 @@ class NNUNetPredictor:
 ENGINES = ("exact", "default", "fast", "nnunetv2")
 
 
+class FixedMask:
+    """A DLICV predictor that runs (and is timed as) ``inner`` but returns a fixed mask."""
+
+    def __init__(self, inner, mask) -> None:
+        self.inner, self.mask = inner, mask
+        self.config = inner.config
+
+    def predict(self, image, zooms, info=None):
+        labels = self.inner.predict(image, zooms, info)
+        if self.mask.shape != labels.shape:
+            raise ValueError(f"fixed mask {self.mask.shape} does not fit the image {labels.shape}")
+        return self.mask.astype(labels.dtype)
+
+
+def standin_mask(scan: Path, out: Path) -> None:
+    """The DLICV stand-in's raw labels of ``scan`` in the pipeline's LPS array (``--icv``)."""
+    import numpy as np
+
+    from dlmuse_bids.io import load_t1w
+    from dlmuse_bids.models import load_trained_model
+    from dlmuse_bids.pipeline import lps_zooms, to_reference_orientation
+    from dlmuse_bids.settings import InferenceOptions
+    from tests.support.paths import STANDIN_DLICV
+
+    lps, _ = to_reference_orientation(load_t1w(scan))
+    predictor = load_trained_model(STANDIN_DLICV).predictor(
+        InferenceOptions(device="cpu", use_mirroring=False)
+    )
+    labels = predictor.predict(np.asarray(lps.dataobj, dtype=np.float32), lps_zooms(lps))
+    np.save(out, labels)
+
+
 def run_one(
     engine: str,
     scan: Path,
@@ -96,6 +137,7 @@ def run_one(
     device: str,
     labels_out: Path,
     retain: bool = False,
+    icv_mask: Path | None = None,
 ) -> dict:
     """One pipeline run in this process: stage seconds, CPU seconds, peak RSS."""
     import nibabel as nib
@@ -137,6 +179,10 @@ def run_one(
             }
             for k in NETWORKS
         }
+    if icv_mask is not None:
+        import numpy as np
+
+        pipe.dlicv = FixedMask(pipe.dlicv, np.load(icv_mask))
     seconds = {"load_models": time.perf_counter() - t0}
     t1 = time.perf_counter()
     img = load_t1w(scan)
@@ -160,6 +206,8 @@ def run_one(
         "pipeline_s": sum(v for k, v in seconds.items() if k != "load_models"),
         "cpu_s": cpu,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "icv": "stand-in" if icv_mask is not None else "network",
+        "dlmuse_grid": list(result.predictions["DLMUSE"].shape_network),
         "labels": str(labels_out),
     }
 
@@ -179,8 +227,8 @@ def agreement(a: Path, b: Path) -> dict:
 def _table(runs: list[dict], agreements: dict) -> str:
     lines = [
         "| scan | engine | DLICV | DLMUSE | pipeline s | DLICV s | DLMUSE s | other s | CPU s "
-        "| peak RSS GiB | labels equal to nnunetv2's (labelled voxels) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| peak RSS GiB | DLMUSE grid | labels equal to nnunetv2's (labelled voxels) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         s = r["seconds"]
@@ -194,6 +242,7 @@ def _table(runs: list[dict], agreements: dict) -> str:
             f"| {r['scan']} | {r['engine']} | {nets[0]} | {nets[1]} | "
             f"{r['pipeline_s']:.0f} | {s['dlicv']:.0f} | {s['dlmuse']:.0f} | {other:.1f} | "
             f"{r['cpu_s']:.0f} | {r['peak_rss_gib']:.2f} | "
+            f"{'x'.join(map(str, r.get('dlmuse_grid', []))) or '?'} | "
             f"{'' if agree is None else format(100 * agree['labelled_voxels'], '.3f') + ' %'} |"
         )
     by_scan: dict[str, dict[str, dict]] = {}
@@ -232,9 +281,20 @@ def main(argv: list[str] | None = None) -> int:
         "--stem", help="name of the result files (default engines_<device>_tta-<on|off>)"
     )
     p.add_argument("--retain-memory", action="store_true", help="glibc keeps freed memory")
+    p.add_argument(
+        "--icv",
+        choices=("standin", "network"),
+        help="DLMUSE's crop from the DLICV stand-in's mask (default where it is) or from the "
+        "random network's",
+    )
     p.add_argument("--one", nargs=3, metavar=("ENGINE", "SCAN", "LABELS"), help=argparse.SUPPRESS)
+    p.add_argument("--icv-mask", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--standin-mask", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     tta = args.tta == "on"
+    if args.standin_mask:  # the child process that draws a scan's fixed mask
+        standin_mask(*args.standin_mask)
+        return 0
     if args.one:  # the child process of one run
         engine, scan, labels = args.one
         record = run_one(
@@ -246,15 +306,23 @@ def main(argv: list[str] | None = None) -> int:
             args.device,
             Path(labels),
             args.retain_memory,
+            args.icv_mask,
         )
         print("RESULT " + json.dumps(record), flush=True)
         return 0
-    from tests.support.paths import DATA_DIR
+    from tests.support.paths import DATA_DIR, STANDIN_DLICV
 
+    icv = args.icv or ("standin" if STANDIN_DLICV.is_dir() else "network")
+    if icv == "standin" and not STANDIN_DLICV.is_dir():
+        sys.exit(f"--icv standin: {STANDIN_DLICV} is absent")
     models = full_width_models(args.models)
     runs, agreements = [], {}
     with tempfile.TemporaryDirectory(prefix="engines-") as tmp:
         for scan in args.scans:
+            mask = Path(tmp) / f"standin_{scan}.npy"
+            if icv == "standin":
+                cmd = [sys.executable, __file__, "--standin-mask", str(DATA_DIR / "t1w" / scan)]
+                subprocess.run([*cmd, str(mask)], check=True)
             labels = {}
             for engine in args.engines:
                 labels[engine] = Path(tmp) / f"{engine}_{scan}"
@@ -274,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
                     "--models",
                     str(models),
                     *(["--retain-memory"] if args.retain_memory else []),
+                    *(["--icv-mask", str(mask)] if icv == "standin" else []),
                 ]
                 proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
                 lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
@@ -291,6 +360,10 @@ def main(argv: list[str] | None = None) -> int:
         "machine": cpu_model(),
         "python": sys.version.split()[0],
         "models": "full-width DLICV + DLMUSE (official plans), seeded random weights",
+        "icv": {
+            "standin": "DLMUSE cropped by the DLICV stand-in's mask, the same in every engine",
+            "network": "DLMUSE cropped by each engine's random DLICV mask",
+        }[icv],
         "note": "pipeline_s excludes model loading; agreement: labelled voxels of either map "
         "(meaningful for the exact mode only: random weights are near-ties everywhere)",
     }
@@ -299,7 +372,9 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / f"{stem}.json").write_text(
         json.dumps({"meta": meta, "runs": runs, "agreement": agreements}, indent=2) + "\n"
     )
-    table = f"Machine: {meta['machine']}; {meta['models']}.\n\n" + _table(runs, agreements)
+    table = f"Machine: {meta['machine']}; {meta['models']}; {meta['icv']}.\n\n" + _table(
+        runs, agreements
+    )
     (args.out / f"{stem}.md").write_text(table)
     print(table)
     return 0

@@ -61,8 +61,10 @@ class InferenceOptions:
     """How the networks are evaluated (never which model), with nnU-Net's names.
 
     One value is built from the command line and carried whole to the engine
-    (:class:`dlmuse_bids.nnunet.predictor.Predictor`). Everything but ``num_threads`` can change
-    the labels, so everything but ``num_threads`` is provenance.
+    (:class:`dlmuse_bids.nnunet.predictor.Predictor`). Everything but ``num_threads`` is
+    provenance. ``num_threads`` changes no label where ``threads_per_pass`` is set; elsewhere
+    oneDNN's kernels may move a near-tie voxel with it (nnunetv2's too), which is not counted as
+    another setting: a re-run on another node keeps the outputs.
     """
 
     device: str = "auto"

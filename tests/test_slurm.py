@@ -119,11 +119,16 @@ def _app(raw: Path, out: Path, models: Path, *extra) -> list[str]:
 
 @pytest.fixture(scope="module")
 def local_out(cluster, dataset, tiny_models, tmp_path_factory):
-    """The same dataset segmented on this machine, with the cluster runs' environment."""
+    """The same dataset segmented on this machine, with the cluster runs' environment and their
+    thread count (each job has one CPU): on some CPUs oneDNN's fp32 convolutions split their
+    sums by thread too, so other thread counts may change a near-tie voxel of DLMUSE."""
     raw, _ = dataset
     out = tmp_path_factory.mktemp("local") / "out"
     done = subprocess.run(
-        _app(raw, out, tiny_models, *FAST), env=cluster.env, capture_output=True, text=True
+        _app(raw, out, tiny_models, *FAST, "--omp-nthreads", "1"),
+        env=cluster.env,
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stderr
     return out
