@@ -42,6 +42,12 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def resolve_threads_per_pass(threads_per_pass: int | None, device_type: str) -> int | None:
+    """``threads_per_pass`` where it applies: passes run several at a time only on a CPU (for
+    oneDNN's thread-split sums); elsewhere None."""
+    return threads_per_pass if device_type == "cpu" else None
+
+
 def resolve_precision(precision: str, device_type: str) -> str:
     """The arithmetic ``precision`` (:data:`~dlmuse_bids.settings.PRECISIONS`) means on a device.
 
@@ -115,8 +121,9 @@ class Predictor:
         self.device = torch_device(options.device)
         self.precision = resolve_precision(options.precision, self.device.type)
         self.mirror_axes = tuple(mirror_axes) if (mirror_axes and options.use_mirroring) else None
-        # passes run several at a time only on a CPU (oneDNN's thread-split sums)
-        self.threads_per_pass = options.threads_per_pass if self.device.type == "cpu" else None
+        self.threads_per_pass = resolve_threads_per_pass(
+            options.threads_per_pass, self.device.type
+        )
         self.fold_weights = list(fold_weights)
         self.network = build_network(
             config.architecture, config.num_input_channels, config.num_classes

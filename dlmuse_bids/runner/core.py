@@ -129,20 +129,17 @@ def precision_label(options: InferenceOptions) -> str:
     return f"{label}, channels-last" if options.channels_last else label
 
 
-def threads_per_pass(options: InferenceOptions) -> int | None:
-    """Threads per network pass where the passes run several at a time (only on a CPU)."""
-    from ..nnunet.predictor import resolve_device
-
-    return options.threads_per_pass if resolve_device(options.device) == "cpu" else None
-
-
 def network_provenance(options: InferenceOptions) -> dict[str, Any]:
     """How one network was evaluated, as the sidecars record it (``Inference.<network>``)."""
+    from ..nnunet.predictor import resolve_device, resolve_threads_per_pass
+
     return {
         "TestTimeAugmentation": options.use_mirroring,
         "TileStepSize": options.tile_step_size,
         "Precision": precision_label(options),
-        "ThreadsPerPass": threads_per_pass(options),
+        "ThreadsPerPass": resolve_threads_per_pass(
+            options.threads_per_pass, resolve_device(options.device)
+        ),
     }
 
 
