@@ -263,6 +263,39 @@ def _table(runs: list[dict], agreements: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _stem(args: argparse.Namespace) -> str:
+    return args.stem or f"engines_{args.device}_tta-{args.tta}"
+
+
+def _write_results(
+    args: argparse.Namespace, icv: str, runs: list[dict], agreements: dict, done: list[str]
+) -> None:
+    """``<stem>.json`` and ``.md`` of the runs so far (rewritten after each scan)."""
+    meta = {
+        "machine": cpu_model(),
+        "python": sys.version.split()[0],
+        "models": "full-width DLICV + DLMUSE (official plans), seeded random weights",
+        "icv": {
+            "standin": "DLMUSE cropped by the DLICV stand-in's mask, the same in every engine",
+            "network": "DLMUSE cropped by each engine's random DLICV mask",
+        }[icv],
+        "note": "pipeline_s excludes model loading; agreement: labelled voxels of either map "
+        "(meaningful for the exact mode only: random weights are near-ties everywhere)",
+        "scans_done": done,
+        "complete": done == list(args.scans),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = _stem(args)
+    (args.out / f"{stem}.json").write_text(
+        json.dumps({"meta": meta, "runs": runs, "agreement": agreements}, indent=2) + "\n"
+    )
+    cut = "" if meta["complete"] else f" Stopped after {', '.join(done)} of {len(args.scans)}."
+    table = f"Machine: {meta['machine']}; {meta['models']}; {meta['icv']}.{cut}\n\n" + _table(
+        runs, agreements
+    )
+    (args.out / f"{stem}.md").write_text(table)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--scans", nargs="+", default=["sub-otsu_T1w.nii.gz", "sub-chris_T1w.nii.gz"])
@@ -356,27 +389,9 @@ def main(argv: list[str] | None = None) -> int:
                         agreements[f"{scan} {engine}"] = agreement(
                             labels[engine], labels["nnunetv2"]
                         )
-    meta = {
-        "machine": cpu_model(),
-        "python": sys.version.split()[0],
-        "models": "full-width DLICV + DLMUSE (official plans), seeded random weights",
-        "icv": {
-            "standin": "DLMUSE cropped by the DLICV stand-in's mask, the same in every engine",
-            "network": "DLMUSE cropped by each engine's random DLICV mask",
-        }[icv],
-        "note": "pipeline_s excludes model loading; agreement: labelled voxels of either map "
-        "(meaningful for the exact mode only: random weights are near-ties everywhere)",
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.stem or f"engines_{args.device}_tta-{args.tta}"
-    (args.out / f"{stem}.json").write_text(
-        json.dumps({"meta": meta, "runs": runs, "agreement": agreements}, indent=2) + "\n"
-    )
-    table = f"Machine: {meta['machine']}; {meta['models']}; {meta['icv']}.\n\n" + _table(
-        runs, agreements
-    )
-    (args.out / f"{stem}.md").write_text(table)
-    print(table)
+            done = args.scans[: args.scans.index(scan) + 1]
+            _write_results(args, icv, runs, agreements, done)  # a cut-short run keeps its scans
+    print((args.out / f"{_stem(args)}.md").read_text())
     return 0
 
 
