@@ -1,6 +1,6 @@
 # dlmuse-bids: DLMUSE brain segmentation BIDS App, GPU-capable (CUDA) and CPU.
 #
-#   tools/build-image                  # CUDA torch, with the model weights and the template
+#   tools/build-image                  # CUDA torch, with the weights, the template and the norms
 #   tools/build-image --cpu --no-models --tag dlmuse-bids:ci
 #   docker build -t dlmuse/dlmuse-bids:0.1.0 .        # the same as the first, by hand
 #
@@ -93,6 +93,23 @@ RUN mkdir -p /opt/dlmuse/models \
         *) echo "FETCH_MODELS must be 0 or 1, not '${FETCH_MODELS}'" >&2; exit 64 ;; \
     esac
 
+# NiChart's normative centile tables (CBICA/SBIA non-commercial licence, about 6 MB), for the
+# centile tables of the outputs: from the build context's norms/ folder when it holds them
+# (builds without internet; tools/build-image --norms-dir), else fetched when FETCH_NORMS=1 (the
+# default); either way checked against their pinned sizes and sha256s. FETCH_NORMS=0 without a
+# norms/ folder builds an image whose runs skip the centiles, saying so.
+ARG FETCH_NORMS=1
+RUN --mount=type=bind,target=/ctx \
+    set -eu; \
+    mkdir -p /opt/dlmuse/norms; \
+    if [ -d /ctx/norms ]; then cp /ctx/norms/*.csv /opt/dlmuse/norms/; fi; \
+    case "${FETCH_NORMS}" in \
+        1) dlmuse norms fetch --dest /opt/dlmuse/norms && dlmuse norms verify /opt/dlmuse/norms ;; \
+        0) if [ -d /ctx/norms ]; then dlmuse norms verify /opt/dlmuse/norms; \
+           else echo "FETCH_NORMS=0: building without the normative tables"; fi ;; \
+        *) echo "FETCH_NORMS must be 0 or 1, not '${FETCH_NORMS}'" >&2; exit 64 ;; \
+    esac
+
 # ---- final: the app, its weights, a non-root user; no build tools ----
 FROM base AS final
 RUN useradd --no-log-init --uid 1000 --user-group --no-create-home --home-dir /tmp \
@@ -121,6 +138,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     DLMUSE_MODEL_DIR=/opt/dlmuse/models \
+    DLMUSE_NORMS_DIR=/opt/dlmuse/norms \
     DLMUSE_OFFLINE=1 \
     DLMUSE_BIDS_CONTAINER=docker:dlmuse/dlmuse-bids:0.1.0
 
@@ -135,5 +153,5 @@ LABEL org.opencontainers.image.title="dlmuse-bids" \
 USER 1000:1000
 WORKDIR /tmp
 # The app starts, as this user, with this environment.
-RUN dlmuse-bids --version && dlmuse models path
+RUN dlmuse-bids --version && dlmuse models path && dlmuse norms path
 ENTRYPOINT ["dlmuse-bids"]

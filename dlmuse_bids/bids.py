@@ -30,7 +30,7 @@ PATTERNS = [
     "sub-{subject}[/ses-{session}]/{datatype<anat>|anat}/sub-{subject}[_ses-{session}]"
     "[_acq-{acquisition}][_ce-{ceagent}][_rec-{reconstruction}][_run-{run}][_echo-{echo}]"
     "[_part-{part}][_chunk-{chunk}][_seg-{segmentation}][_desc-{desc}]"
-    "_{suffix<dseg|mask|volumes|qc>}{extension<.nii.gz|.json|.tsv>|.nii.gz}",
+    "_{suffix<dseg|mask|volumes|qc|centiles>}{extension<.nii.gz|.json|.tsv>|.nii.gz}",
     "sub-{subject}[/ses-{session}]/{datatype<anat>|anat}/sub-{subject}[_ses-{session}]"
     "[_acq-{acquisition}][_ce-{ceagent}][_rec-{reconstruction}][_run-{run}][_echo-{echo}]"
     "[_part-{part}][_chunk-{chunk}]_from-{from}_to-{to}_mode-{mode<image|points>}"
@@ -73,17 +73,26 @@ OUTPUTS: dict[str, dict[str, str]] = {
 }
 #: Outputs that exist only when the template check ran.
 OPTIONAL_OUTPUTS = ("xfm",)
+#: The normative centiles of one T1w (when the tables and its age are known): made from the
+#: volumes after the segmentation, so not part of what decides whether it is re-run.
+CENTILE_OUTPUTS: dict[str, dict[str, str]] = {
+    "centiles": {"segmentation": "DLMUSE", "suffix": "centiles", "extension": ".tsv"},
+    "centiles_json": {"segmentation": "DLMUSE", "suffix": "centiles", "extension": ".json"},
+}
 DSEG_TSV = "seg-DLMUSE_dseg.tsv"
 LOGS_DIR = "logs"
 #: Outputs the BIDS schema has no rule for yet (transforms: BIDS-Derivatives, not the validator).
 BIDSIGNORE = (
     "*_volumes.tsv",
     "*_qc.tsv",
+    "*_centiles.tsv",
+    "*_centiles.json",
     "*_xfm.txt",
     "*.html",
-    "sub-*/figures",  # no trailing slash: the validator matches the folder itself
-    "group/",
-    "logs/",
+    # no trailing slashes: the validator matches the folders themselves
+    "sub-*/figures",
+    "group",
+    "logs",
 )
 BIDS_VERSION = "1.10.0"
 CODE_URL = "https://github.com/dlmuse-bids/dlmuse-bids"
@@ -289,6 +298,14 @@ def report_path(output_dir: Path, subject: str) -> Path:
 def output_paths(source: Path, output_dir: Path) -> dict[str, Path]:
     """The files one T1w produces, by :data:`OUTPUTS` key."""
     return {key: Path(output_dir) / derivative_path(source, **ent) for key, ent in OUTPUTS.items()}
+
+
+def centile_paths(source: Path, output_dir: Path) -> dict[str, Path]:
+    """The centile table of one T1w and its sidecar, by :data:`CENTILE_OUTPUTS` key."""
+    return {
+        key: Path(output_dir) / derivative_path(source, **ent)
+        for key, ent in CENTILE_OUTPUTS.items()
+    }
 
 
 def remove_leftovers(source: Path, output_dir: Path) -> list[Path]:

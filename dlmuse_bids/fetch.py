@@ -1,4 +1,5 @@
-"""Download the official DLICV and DLMUSE model folders from HuggingFace, safely.
+"""Download the official DLICV and DLMUSE model folders (HuggingFace) and NiChart's normative
+tables (GitHub, at a pinned commit), safely.
 
 Every file goes to ``<name>.part`` next to its final place, resumes from there with an HTTP
 range request when a transfer is cut, is checked (size and sha256 where they are known, which
@@ -15,6 +16,7 @@ import http.client
 import json
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -34,6 +36,7 @@ from .models import (
     find_model,
     sha256_file,
 )
+from .norms import NICHART_COMMIT, NICHART_FILES, NICHART_REPO
 from .settings import ModelSources
 
 logger = logging.getLogger(__name__)
@@ -42,6 +45,12 @@ HF_ENDPOINT = "https://huggingface.co"
 #: The weights are pinned by their sha256 (checked on every fetch), not by this revision.
 HF_REVISION = "main"
 LOCK_NAME = ".dlmuse-models.lock"
+#: NiChart's normative centile tables: raw files of the NiChart_Project repository at this commit.
+NICHART_ENDPOINT = "https://raw.githubusercontent.com"
+NORMS_LICENCE_NOTICE = (
+    "NiChart's normative centile tables are CBICA's, released under the SBIA non-commercial "
+    f"licence (see https://github.com/{NICHART_REPO}). By fetching them you accept its terms."
+)
 LICENCE_NOTICE = (
     "The DLICV and DLMUSE weights are CBICA's, released under CBICA's non-commercial licence "
     "(see https://huggingface.co/nichart/DLICV and https://huggingface.co/nichart/DLMUSE). "
@@ -95,6 +104,19 @@ def official_files() -> list[RemoteFile]:
 def file_url(endpoint: str, revision: str, item: RemoteFile) -> str:
     """HuggingFace's download URL of a repository file."""
     return f"{endpoint.rstrip('/')}/{item.repo}/resolve/{quote(revision)}/{quote(item.path)}"
+
+
+def norms_files() -> list[RemoteFile]:
+    """NiChart's normative tables, each pinned by size and sha256, under NiChart's names."""
+    return [
+        RemoteFile(NICHART_REPO, path, name, size, digest)
+        for name, (path, size, digest) in NICHART_FILES.items()
+    ]
+
+
+def raw_url(endpoint: str, commit: str, item: RemoteFile) -> str:
+    """The raw-file URL of a GitHub repository file at ``commit``."""
+    return f"{endpoint.rstrip('/')}/{item.repo}/{quote(commit)}/{quote(item.path)}"
 
 
 def problems(path: Path, item: RemoteFile) -> str | None:
@@ -194,7 +216,9 @@ def download(
         except (URLError, OSError, http.client.HTTPException) as exc:
             reason = getattr(exc, "reason", None) or exc
             last_error = f"{type(exc).__name__}: {reason}"
-            if isinstance(exc, URLError) and isinstance(exc.reason, ConnectionRefusedError):
+            if isinstance(exc, URLError) and isinstance(
+                exc.reason, ConnectionRefusedError | socket.gaierror
+            ):  # no server there, or no such host: retrying will not change it
                 raise FetchError(f"{url}: cannot connect ({exc.reason})") from exc
             logger.info("%s: transfer cut (%s), resuming", url, last_error)
             time.sleep(min(2**attempt, 10) * 0.1)
@@ -207,6 +231,28 @@ def download(
     os.replace(part, final)
 
 
+def fetch_files(
+    dest: Path,
+    files: Sequence[RemoteFile],
+    url_of: Callable[[RemoteFile], str],
+    *,
+    progress: Progress | None = None,
+    wait_message: Callable[[], None] | None = None,
+) -> list[Path]:
+    """Make ``dest`` hold every file, downloading (from ``url_of(file)``) only what is missing
+    or wrong; returns the files downloaded. Holds :func:`directory_lock` on ``dest``."""
+    dest = Path(dest)
+    fetched = []
+    with directory_lock(dest, wait_message):
+        for item in files:
+            final = dest / item.dest
+            if final.is_file() and problems(final, item) is None:
+                continue
+            download(url_of(item), final, item, progress=progress)
+            fetched.append(final)
+    return fetched
+
+
 def fetch_models(
     dest: Path,
     *,
@@ -216,23 +262,41 @@ def fetch_models(
     progress: Progress | None = None,
     wait_message: Callable[[], None] | None = None,
 ) -> list[Path]:
-    """Make ``dest`` hold every model file, downloading only what is missing or wrong.
-
-    Returns the files that were downloaded. Holds :func:`directory_lock` on ``dest``.
-    """
-    dest = Path(dest)
-    fetched = []
-    with directory_lock(dest, wait_message):
-        for item in official_files() if files is None else files:
-            final = dest / item.dest
-            if final.is_file() and problems(final, item) is None:
-                continue
-            download(file_url(endpoint, revision, item), final, item, progress=progress)
-            fetched.append(final)
-        for item in official_files() if files is None else files:
+    """:func:`fetch_files` of the model files, each checkpoint's folder then marked official."""
+    files = official_files() if files is None else files
+    fetched = fetch_files(
+        dest,
+        files,
+        lambda item: file_url(endpoint, revision, item),
+        progress=progress,
+        wait_message=wait_message,
+    )
+    with directory_lock(Path(dest)):
+        for item in files:
             if item.sha256 is not None:  # a checkpoint: its folder is now the official model
-                _write_marker(dest / item.dest, item, revision)
+                _write_marker(Path(dest) / item.dest, item, revision)
     return fetched
+
+
+def fetch_norms(
+    dest: Path,
+    endpoint: str | None = None,
+    progress: Progress | None = None,
+    say: Callable[[str], None] | None = None,
+) -> list[Path]:
+    """NiChart's normative tables into ``dest`` (from ``endpoint``, default GitHub's raw files,
+    at :data:`NICHART_COMMIT`), telling ``say`` where and under what licence."""
+    say = say or logger.warning
+    say(f"fetching NiChart's normative tables into {dest}")
+    say(NORMS_LICENCE_NOTICE)
+    base = endpoint or NICHART_ENDPOINT
+    return fetch_files(
+        dest,
+        norms_files(),
+        lambda item: raw_url(base, NICHART_COMMIT, item),
+        progress=progress,
+        wait_message=lambda: say(f"waiting for another job fetching into {dest}"),
+    )
 
 
 def _write_marker(checkpoint: Path, item: RemoteFile, revision: str) -> None:

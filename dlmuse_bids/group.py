@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .bids import LOGS_DIR, crash_log_glob, output_paths, source_entities
+from .bids import LOGS_DIR, centile_paths, crash_log_glob, output_paths, source_entities
 from .io import write_bytes_atomic
 from .labels import (
     ICV_ID,
@@ -123,6 +123,39 @@ def collect_volumes(
     return frame, nichart_rows
 
 
+#: Columns of the centile tables between the id columns and the ROIs (from each image's sidecar).
+CENTILE_INFO = {"age": "Age", "sex": "Sex", "flags": "Flags"}
+
+
+def collect_centiles(
+    t1w_files: Sequence[Path], bids_dir: Path, output_dir: Path, column: str = "centile"
+) -> pd.DataFrame | None:
+    """One row per image (id columns, age, sex, reference, flags), one column per ROI: the
+    ``column`` of its centile table; None when no image has one."""
+    columns = roi_columns()
+    rows, found = [], False
+    for source in t1w_files:
+        row = _id_row(source, bids_dir, output_dir)
+        paths = centile_paths(source, output_dir)
+        if row["status"] == "ok" and paths["centiles"].is_file():
+            found = True
+            table = pd.read_csv(paths["centiles"], sep="\t", dtype=str, keep_default_na=False)
+            sidecar = json.loads(paths["centiles_json"].read_text(encoding="utf-8"))
+            row.update({key: sidecar.get(field) for key, field in CENTILE_INFO.items()})
+            row["flags"] = " ".join(row["flags"] or [])
+            refs = sorted(set(table["reference"]) - {"CN-ICVNorm"})
+            row["reference"] = refs[0] if len(refs) == 1 else " ".join(refs)
+            cells = dict(zip(table["index"].astype(int), table[column], strict=True))
+            row.update({name: cells[roi] for roi, name in columns.items() if roi in cells})
+        rows.append(row)
+    if not found:
+        return None
+    frame = pd.DataFrame(rows)
+    head = [*ID_COLUMNS[:8], *CENTILE_INFO, "reference"]
+    rois = [name for name in columns.values() if name in frame.columns]
+    return frame.reindex(columns=[*head, *rois])
+
+
 def merge_participants(frame: pd.DataFrame, bids_dir: Path) -> pd.DataFrame:
     """Add the columns of the raw dataset's ``participants.tsv`` (age, sex, ...)."""
     path = Path(bids_dir) / "participants.tsv"
@@ -187,6 +220,13 @@ def write_group_tables(
     write_bytes_atomic(out / "dlmuse_volumes_icvnorm.tsv", _tsv(icv_normalised(frame)))
     write_bytes_atomic(out / "dlmuse_volumes_summary.tsv", _tsv(summary(frame)))
     write_bytes_atomic(out / "dlmuse_qc.tsv", _tsv(collect_qc(t1w_files, bids_dir, output_dir)))
+    for column, name in (
+        ("centile", "dlmuse_centiles"),
+        ("icvnorm_centile", "dlmuse_centiles_icvnorm"),
+    ):
+        centiles = collect_centiles(t1w_files, bids_dir, output_dir, column)
+        if centiles is not None:
+            write_bytes_atomic(out / f"{name}.tsv", _tsv(centiles))
     nichart = pd.DataFrame(nichart_rows, columns=nichart_columns())
     write_bytes_atomic(out / "DLMUSE_Volumes.csv", nichart.to_csv(index=False).encode())
     return frame

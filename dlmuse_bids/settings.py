@@ -202,6 +202,19 @@ class ModelSources:
 
 
 @dataclass(frozen=True)
+class NormsSources:
+    """Where NiChart's normative tables are looked up, and whether missing ones are fetched.
+
+    Resolved once by the command line from ``--norms-dir``, ``--offline`` and the environment.
+    """
+
+    search_dirs: tuple[Path, ...] = ()
+    fetch_dir: Path | None = None  # where a first-use fetch goes; None: never fetch
+    offline: str | None = None  # why downloading is not allowed; None: it is
+    endpoint: str | None = None  # where the raw files are served (None: GitHub)
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """A model folder and the identity of its checkpoints (for provenance and re-run checks)."""
 
@@ -246,6 +259,7 @@ class BIDSAppSettings:
     template: TemplateFiles | None = None  # the orientation check's template, when available
     template_note: str = "no template given"  # why there is no template
     t1w_volume: int | None = None  # which volume of 4-D T1w files to segment (None: refuse them)
+    norms: NormsSources = field(default_factory=NormsSources)  # the centiles' tables
     version: str = __version__
 
 
@@ -258,6 +272,10 @@ class NiftiRunSettings:
     models: ModelSources
     inference: PipelineInference = field(default_factory=PipelineInference)
     overwrite: bool = False
+    norms: NormsSources = field(default_factory=NormsSources)  # the centiles' tables
+    demographics: Path | None = None  # NiChart's CSV of MRID, Age, Sex
+    age: float | None = None  # of the one input (--age)
+    sex: str | None = None  # of the one input (--sex): "M", "F" or None
     version: str = __version__
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -10,6 +11,10 @@ import numpy as np
 import pytest
 
 from tests.support.paths import DATA_DIR, OFFICIAL_MODELS_DIR, TRAINED_MODEL_SUBDIR
+
+# The test machine has no network: no command a test runs may fetch on first use (CLI
+# subprocesses and SLURM jobs inherit this); the fetch tests serve files on loopback and unset it.
+os.environ.setdefault("DLMUSE_OFFLINE", "1")
 
 needs_shared = pytest.mark.skipif(
     not OFFICIAL_MODELS_DIR.is_dir() or not DATA_DIR.is_dir(),

@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 
 from dlmuse_bids import __version__
-from dlmuse_bids.bids import DSEG_TSV, LOGS_DIR, OUTPUTS, BIDSError, NoT1wError, derivative_path
+from dlmuse_bids.bids import (
+    CENTILE_OUTPUTS,
+    DSEG_TSV,
+    LOGS_DIR,
+    OUTPUTS,
+    BIDSError,
+    NoT1wError,
+    derivative_path,
+)
 from dlmuse_bids.cli.bids_app import ANALYSIS_LEVELS, EXIT_UNKNOWN_LEVEL, build_parser
 from dlmuse_bids.cli.common import (
     EXIT_CANT_CREATE,
@@ -133,12 +141,12 @@ def test_participant_output_templates_match_derivative_names(descriptor):
     assert templates["dataset_description"] == "[OUTPUT_DIR]/dataset_description.json"
     assert templates["dseg_table"] == f"[OUTPUT_DIR]/{DSEG_TSV}"
     assert templates["logs"] == f"[OUTPUT_DIR]/{LOGS_DIR}"
-    for key in ("dseg", "mask", "volumes", "qc"):
+    for key in ("dseg", "mask", "volumes", "qc", "centiles"):
         pattern = templates[f"participant_{key}"]
         pattern = pattern.replace("[OUTPUT_DIR]", "out").replace("[PARTICIPANT_LABEL]", "01")
         for name in ("sub-01_T1w.nii.gz", "sub-01_acq-fast_run-2_T1w.nii"):
             source = Path("sub-01/anat", name)
-            built = derivative_path(source, **OUTPUTS[key]).as_posix()
+            built = derivative_path(source, **{**OUTPUTS, **CENTILE_OUTPUTS}[key]).as_posix()
             assert fnmatch(f"out/{built}", pattern), (key, built)
 
 
@@ -151,7 +159,9 @@ def test_group_output_templates_are_the_group_tables(descriptor, tmp_path):
         for name, template in _templates(descriptor).items()
         if template.startswith(f"[OUTPUT_DIR]/{GROUP_DIR}/")
     }
-    assert {Path(t).name for t in group.values()} == written
+    # the centile tables are written only when some image has centiles
+    centiles = {"dlmuse_centiles.tsv", "dlmuse_centiles_icvnorm.tsv"}
+    assert {Path(t).name for t in group.values()} == written | centiles
     assert all(out["optional"] for out in descriptor["output-files"] if out["id"] in group)
 
 
@@ -176,6 +186,7 @@ INVOCATIONS = {
         "omp_nthreads": 2,
         "device": "cpu",
         "model_dir": "/models",
+        "norms_dir": "/norms",
         "offline": True,
         "mode": "exact",
         "no_tta": True,

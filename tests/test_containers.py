@@ -17,6 +17,7 @@ import pytest
 
 from dlmuse_bids import __version__
 from dlmuse_bids.models import default_cache_dir, model_search_dirs
+from dlmuse_bids.norms import norms_search_dirs
 from dlmuse_bids.settings import container_info
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -221,6 +222,9 @@ def test_environment_points_the_app_at_its_models_and_away_from_home(image_env):
     # the app, given this environment, looks in the built-in models first and caches in /tmp
     assert model_search_dirs(None, image_env)[0] == Path(MODEL_DIR)
     assert default_cache_dir(image_env).is_relative_to("/tmp")
+    # and at its built-in normative tables, beside the models (copied into the final stage)
+    assert norms_search_dirs(None, image_env)[0] == Path(image_env["DLMUSE_NORMS_DIR"])
+    assert Path(image_env["DLMUSE_NORMS_DIR"]).parent == Path(MODEL_DIR).parent
 
 
 def test_the_template_is_fetched_at_build_time_where_the_app_looks(stages, image_env):

@@ -227,3 +227,60 @@ def test_a_damaged_fetched_checkpoint_is_refused_before_loading(
     assert bids_main([*argv, "--skip-bids-validation"], env={}) == 66
     assert "dlmuse models fetch" in capsys.readouterr().err
     assert not (tmp_path / "out" / "sub-02").exists()
+
+
+@pytest.fixture
+def nichart_server():
+    """A loopback 'GitHub raw' serving NiChart's tables at the pinned commit."""
+    from dlmuse_bids.norms import NICHART_COMMIT, NICHART_FILES, NICHART_REPO
+    from tests.support.paths import NICHART_NORMS
+
+    if not NICHART_NORMS.is_dir():
+        pytest.skip(f"NiChart's tables not found at {NICHART_NORMS}")
+    served = {
+        f"/{NICHART_REPO}/{NICHART_COMMIT}/{path}": (NICHART_NORMS / name).read_bytes()
+        for name, (path, _, _) in NICHART_FILES.items()
+    }
+    with HubServer(FakeHub(served)) as server:
+        yield server
+
+
+def test_norms_fetch_verify_and_first_use(nichart_server, tmp_path, monkeypatch, capsys):
+    from dlmuse_bids.cli.models_cmd import norms_sources
+    from dlmuse_bids.norms import NORM_FILES
+    from dlmuse_bids.runner.centiles import resolve_norms
+
+    server = nichart_server
+    monkeypatch.setenv("DLMUSE_NORMS_ENDPOINT", server.endpoint)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("DLMUSE_NORMS_DIR", raising=False)
+    dest = tmp_path / "norms"
+    assert dlmuse_main(["norms", "fetch", "--dest", str(dest)]) == 0
+    err = capsys.readouterr().err
+    assert "non-commercial" in err and "tables ready (5 file(s) downloaded)" in err
+    assert sorted(p.name for p in dest.glob("*.csv")) == sorted(NORM_FILES)
+    assert dlmuse_main(["norms", "verify", str(dest)]) == 0
+    table = dest / NORM_FILES[0]
+    table.write_bytes(table.read_bytes()[:-1])
+    assert dlmuse_main(["norms", "verify", str(dest)]) == 65
+    assert "size" in capsys.readouterr().err
+    assert dlmuse_main(["norms", "fetch", "--dest", str(dest)]) == 0  # mends the one file
+    assert "(1 file(s) downloaded)" in capsys.readouterr().err
+    # first use: fetched into the per-user cache unless offline; --norms-dir is never filled
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "DLMUSE_NORMS_ENDPOINT": server.endpoint}
+    said: list[str] = []
+    assert resolve_norms(norms_sources(None, True, env), said.append) is None
+    assert len(said) == 1 and "not downloading them: --offline" in said[0]
+    assert resolve_norms(norms_sources(tmp_path / "mine", False, env), said.append) is None
+    before = sum(server.hub.gets.values())
+    norms = resolve_norms(norms_sources(None, False, env), said.append)
+    assert norms is not None and norms.pinned
+    assert norms.directory == tmp_path / "cache" / "dlmuse-bids" / "norms"
+    assert sum(server.hub.gets.values()) - before == 5
+    # a corrupted transfer is refused, deleted, and said in one line
+    server.hub.corrupt.add(next(iter(server.hub.files)))
+    env["XDG_CACHE_HOME"] = str(tmp_path / "cache2")
+    said.clear()
+    assert resolve_norms(norms_sources(None, False, env), said.append) is None
+    assert "fetching NiChart's tables failed" in said[-1] and "sha256" in said[-1]
+    assert not list((tmp_path / "cache2").rglob("*.part"))

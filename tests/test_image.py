@@ -24,6 +24,7 @@ from tests.conftest import needs_shared
 from tests.support.bids import STANDARD_T1W, make_dataset, tree_digest
 from tests.support.containers import IMAGE_MODELS, users_folder, world_readable
 from tests.support.outputs import assert_same_outputs
+from tests.support.paths import NICHART_NORMS
 from tests.test_containers import read_definition
 
 pytestmark = needs_shared
@@ -69,6 +70,10 @@ def docker_run(
     return engine(*cmd, *options, image, *args, check=False, timeout=timeout)
 
 
+#: The image has NiChart's tables built in when the tests built it with them: so has the host.
+NORMS = ["--norms-dir", str(NICHART_NORMS)] if NICHART_NORMS.is_dir() else []
+
+
 def _app(*args) -> list[str]:
     exe = Path(sys.executable).with_name("dlmuse-bids")
     return [str(exe), *map(str, args)]
@@ -83,7 +88,7 @@ def host_run(dataset, models, app_image, tmp_path_factory):
     start = time.monotonic()
     for level in ("participant", "group"):
         done = subprocess.run(
-            _app(raw, out, level, "--model-dir", models, *FAST),
+            _app(raw, out, level, "--model-dir", models, *FAST, *NORMS),
             env=env,
             capture_output=True,
             text=True,
@@ -126,6 +131,8 @@ def test_docker_run_gives_the_host_outputs(docker_out, host_run, dataset):
     host, host_seconds = host_run
     assert "3 processed" in log, log
     assert_same_outputs(host, out)
+    if NORMS:  # the image's built-in tables give the host's centiles
+        assert len(list(out.rglob("*_seg-DLMUSE_centiles.tsv"))) == 3
     raw, before = dataset
     assert tree_digest(raw) == before, "the container changed the input dataset"
     print(f"\nimage run {seconds:.0f} s, host run {host_seconds:.0f} s (3 T1w, both levels)")

@@ -12,6 +12,7 @@ import pytest
 
 from tests.conftest import needs_shared
 from tests.support.bids import STANDARD_T1W, make_dataset
+from tests.support.paths import NICHART_NORMS
 
 pytestmark = needs_shared
 
@@ -60,6 +61,7 @@ def test_writes_nothing_outside_output_work_and_tmp(tiny_models, tmp_path):
                 "--nprocs",
                 "1",
                 "--skip-bids-validation",
+                *(["--norms-dir", str(NICHART_NORMS)] if NICHART_NORMS.is_dir() else []),
             ],
             cwd=cwd,
             env=env,
@@ -78,6 +80,7 @@ def test_writes_nothing_outside_output_work_and_tmp(tiny_models, tmp_path):
             f"{name} was written: {set(after[name]) ^ set(before[name])}"
         )
     assert list((tmp_path / "out").rglob("*_dseg.nii.gz"))
+    assert list((tmp_path / "out").rglob("*_centiles.tsv")) or not NICHART_NORMS.is_dir()
 
 
 @pytest.mark.skipif(not APP.exists(), reason=f"{APP} not installed (pip install -e .)")

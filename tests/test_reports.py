@@ -274,3 +274,73 @@ def test_group_report_in_a_real_browser(group_dataset):
     assert targets.local and not targets.missing and not targets.outside and not targets.external
     assert not report.console_errors and not report.failed_requests
     assert not report.external_requests
+
+
+# ---- normative centiles ----
+
+
+@pytest.fixture(scope="module")
+def centile_dataset(dataset, tmp_path_factory):
+    """The dataset fixture (copied) with centiles for run-1 (age 71) and the doctored run-2
+    (age 73) of a woman, and both levels' reports drawn with NiChart's tables."""
+    from dlmuse_bids.bids import centile_paths
+    from dlmuse_bids.demographics import Subject
+    from dlmuse_bids.norms import load_norms
+    from dlmuse_bids.runner.centiles import write_centiles
+    from tests.support.paths import NICHART_NORMS
+
+    if not NICHART_NORMS.is_dir():
+        pytest.skip(f"NiChart's tables not found at {NICHART_NORMS}")
+    norms = load_norms(NICHART_NORMS)
+    copy = _copy(dataset, tmp_path_factory.mktemp("centile-report"))
+    raw, out = copy["raw"], copy["out"]
+    for name, age in (("run-1", 71.0), ("run-2", 73.0)):
+        source = copy["sources"][name]
+        volumes = pd.read_csv(output_paths(source, out)["volumes"], sep="\t")
+        paths = centile_paths(source, out)
+        assert write_centiles(volumes, Subject(age, "F"), norms, paths, name, print)
+    sources = sorted(copy["sources"].values())
+    copy["subject"] = write_subject_report("01", sources, out, raw)
+    write_group_tables(sources, raw, out)
+    copy["group"] = write_group_report(out, norms)
+    return copy
+
+
+def test_subject_report_gives_centiles_in_words(centile_dataset):
+    html = centile_dataset["subject"].read_text()
+    plain, doctored, failed = re.split(r"<h2 ", html)[1:]
+    block = plain.split("<h3>Normative centiles</h3>")[1].split("<h3>")[0]
+    assert block.count("<svg class=bar") == len(KEY_VOLUMES)
+    assert "cognitively normal women aged 71" in block and "CN-Females" in block
+    assert "cognitively normal people aged 71" in block  # the ICV: both sexes' curve
+    # the doctored scan lost a hemisphere: its grey matter is below the 5th centile, flagged
+    block = doctored.split("<h3>Normative centiles</h3>")[1].split("<h3>")[0]
+    assert "<b>outside-norms</b>" in block and "Grey matter" in block.split("</p>")[0]
+    assert "smaller than 95 % of cognitively normal women aged 73" in block
+    assert "Normative centiles" not in failed
+    links = _parse(centile_dataset["subject"]).links
+    assert "sub-01/anat/sub-01_run-1_seg-DLMUSE_centiles.tsv" in links
+
+
+def test_group_report_draws_the_centile_bands(centile_dataset):
+    out, report = centile_dataset["out"], centile_dataset["group"]
+    table = pd.read_csv(out / "group" / "dlmuse_centiles.tsv", sep="\t", dtype=str)
+    assert table["age"].tolist()[:2] == ["71.0", "73.0"]
+    page = _parse(report)
+    # key volumes, ICV vs TBV and the bands (no participants.tsv: no volumes against age)
+    assert len(page.images) == 3 and page.images[-1].endswith("dlmuse_centile_bands.png")
+    assert "dlmuse_centiles.tsv" in report.read_text()
+
+
+def test_centile_reports_in_a_real_browser(centile_dataset):
+    from tests.support.browser import render, require_chromium
+
+    require_chromium()
+    ARTIFACTS.mkdir(exist_ok=True)
+    for key, count in (("subject", 2), ("group", 3)):
+        shot = ARTIFACTS / f"{key}_report_centiles.png"
+        report = render(centile_dataset[key], shot)
+        assert len(report.images) == count
+        assert all(i.complete and i.natural_width > 0 for i in report.images), report.images
+        assert not report.console_errors and not report.failed_requests
+        assert shot.stat().st_size > 10_000

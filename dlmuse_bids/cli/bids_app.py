@@ -33,7 +33,7 @@ from .common import (
     setup_logging,
     third_party_environment,
 )
-from .models_cmd import model_sources
+from .models_cmd import model_sources, norms_sources
 
 logger = logging.getLogger("dlmuse_bids")
 
@@ -132,10 +132,17 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: $DLMUSE_MODEL_DIR, then the per-user cache)",
     )
     run.add_argument(
+        "--norms-dir",
+        type=Path,
+        metavar="DIR",
+        help="directory holding NiChart's normative centile tables (dlmuse_centiles_CN.csv, ..., "
+        "list_MUSE_all.csv) (default: $DLMUSE_NORMS_DIR, then the per-user cache)",
+    )
+    run.add_argument(
         "--offline",
         action="store_true",
-        help="never download the model weights (also: DLMUSE_OFFLINE=1 or HF_HUB_OFFLINE=1; "
-        "always so inside the container images, which have them built in)",
+        help="never download the model weights or the normative tables (also: DLMUSE_OFFLINE=1 "
+        "or HF_HUB_OFFLINE=1; always so inside the container images, which have them built in)",
     )
     add_inference_options(run, device_default="auto")
     run.add_argument(
@@ -224,6 +231,7 @@ def make_settings(args: argparse.Namespace, env: Mapping[str, str]) -> BIDSAppSe
         nprocs=nprocs,
         inference=inference_options(args, threads),
         models=model_sources(args.model_dir, args.offline, env),
+        norms=norms_sources(args.norms_dir, args.offline, env),
         skip_validation=args.skip_bids_validation,
         database_dir=args.bids_database_dir.absolute() if args.bids_database_dir else None,
         overwrite=args.overwrite,

@@ -21,6 +21,7 @@ from .common import (
     EXIT_NO_INPUT,
     EXIT_OK,
     EXIT_SOME_FAILED,
+    EXIT_USAGE,
     Parser,
     add_inference_options,
     inference_options,
@@ -28,13 +29,42 @@ from .common import (
     setup_logging,
     third_party_environment,
 )
-from .models_cmd import ProgressPrinter, add_models_parser, model_sources, run_models
+from .models_cmd import (
+    ProgressPrinter,
+    add_models_parser,
+    add_norms_parser,
+    model_sources,
+    norms_sources,
+    run_models,
+    run_norms,
+)
 
 logger = logging.getLogger("dlmuse_bids")
 
 
 def _fold(value: str) -> int | str:
     return int(value) if value.isdigit() else value
+
+
+def _age(text: str) -> float:
+    from ..demographics import parse_age
+
+    try:
+        age = parse_age(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    if age is None:
+        raise argparse.ArgumentTypeError(f"age {text!r} is not a number of years")
+    return age
+
+
+def _sex(text: str) -> str | None:
+    from ..demographics import parse_sex
+
+    try:
+        return parse_sex(text, {})
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (use M or F)") from exc
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -107,10 +137,33 @@ def build_dlmuse_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--offline",
         action="store_true",
-        help="never download missing models (also: DLMUSE_OFFLINE=1 or HF_HUB_OFFLINE=1)",
+        help="never download missing models or normative tables (also: DLMUSE_OFFLINE=1 or "
+        "HF_HUB_OFFLINE=1)",
+    )
+    norms = run.add_argument_group(
+        "normative centiles",
+        "Each image's ROI volumes against NiChart's centiles of cognitively normal people of "
+        "the same age and sex (<name>_DLMUSE_centiles.tsv); skipped without an age.",
+    )
+    norms.add_argument(
+        "--norms-dir",
+        type=Path,
+        metavar="DIR",
+        help="directory holding NiChart's tables (default: $DLMUSE_NORMS_DIR, then the per-user "
+        "cache, fetched there on first use)",
+    )
+    norms.add_argument("--age", type=_age, help="age in years at the scan (one input only)")
+    norms.add_argument("--sex", type=_sex, help="M or F (one input only; default: unknown)")
+    norms.add_argument(
+        "--demographics",
+        type=Path,
+        metavar="CSV",
+        help="NiChart's demographics CSV: MRID (the file name without _T1w and extension), "
+        "Age, Sex",
     )
     _add_run_options(run)
     add_models_parser(sub)
+    add_norms_parser(sub)
     return parser
 
 
@@ -135,12 +188,20 @@ def _cmd_predict(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 def _cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    one_scan = args.age is not None or args.sex is not None
+    if one_scan and (len(args.inputs) > 1 or args.demographics):
+        _say("--age and --sex describe one scan: give one input, or a --demographics CSV")
+        return EXIT_USAGE
     settings = NiftiRunSettings(
         inputs=tuple(args.inputs),
         output_dir=args.output_dir,
         models=model_sources(args.model_dir, args.offline, env),
         inference=inference_options(args, args.threads or available_cpus(env)),
         overwrite=args.overwrite,
+        norms=norms_sources(args.norms_dir, args.offline, env),
+        demographics=args.demographics,
+        age=args.age,
+        sex=args.sex,
     )
     try:
         report = run_nifti(settings, _say, ProgressPrinter())
@@ -162,4 +223,6 @@ def dlmuse_main(argv: Sequence[str] | None = None) -> int:
             return _cmd_predict(args, os.environ)
         if args.command == "models":
             return run_models(args)
+        if args.command == "norms":
+            return run_norms(args)
         return _cmd_run(args, os.environ)

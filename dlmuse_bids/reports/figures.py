@@ -169,3 +169,44 @@ def scatter_panels(
         ax.set_axis_off()
     fig.tight_layout()
     return _save(fig, plt, out_png)
+
+
+def centile_band_panels(
+    panels: Sequence[dict], out_png: str | os.PathLike[str], *, columns: int = 4
+) -> Path:
+    """Normative centile bands against age, with images as points, one panel per ROI.
+
+    Each panel: ``title``; ``ages`` (n) and ``bands`` (n x 5: the 5th, 25th, 50th, 75th, 95th
+    centiles); ``points``: dicts of ``age``, ``value``, ``subject``, ``flagged`` (a subject's
+    points are joined by a line, in age order); ``ylabel``.
+    """
+    plt = _pyplot()
+    rows = max(1, -(-len(panels) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 3.0 * rows), squeeze=False)
+    for ax, panel in zip(axes.ravel(), panels, strict=False):
+        ages, bands = np.asarray(panel["ages"], float), np.asarray(panel["bands"], float)
+        ax.fill_between(ages, bands[:, 0], bands[:, 4], color="#c6dbef", label="5-95th")
+        ax.fill_between(ages, bands[:, 1], bands[:, 3], color="#9ecae1", label="25-75th")
+        ax.plot(ages, bands[:, 2], color="#3182bd", lw=1, label="50th")
+        by_subject: dict[str, list[dict]] = {}
+        for point in panel["points"]:
+            by_subject.setdefault(point["subject"], []).append(point)
+        for points in by_subject.values():
+            points = sorted(points, key=lambda p: p["age"])
+            if len(points) > 1:
+                ax.plot([p["age"] for p in points], [p["value"] for p in points], color="#555",
+                        lw=0.8)  # fmt: skip
+            for p in points:
+                style = ("x", "#d62728", 24) if p["flagged"] else ("o", "#222", 12)
+                ax.scatter([p["age"]], [p["value"]], marker=style[0], color=style[1], s=style[2],
+                           zorder=3)  # fmt: skip
+        ax.set_title(panel["title"], fontsize=9)
+        ax.set_xlabel("age", fontsize=8)
+        ax.set_ylabel(panel.get("ylabel", ""), fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in axes.ravel()[len(panels) :]:
+        ax.set_axis_off()
+    if panels:
+        axes.ravel()[0].legend(fontsize=6, loc="upper right")
+    fig.tight_layout()
+    return _save(fig, plt, out_png)

@@ -16,7 +16,7 @@ import pandas as pd
 from ..bids import report_path
 from ..group import GROUP_DIR, roi_columns
 from ..labels import ICV_ID
-from .figures import scatter_panels
+from .figures import centile_band_panels, scatter_panels
 from .subject import KEY_VOLUMES, STYLE, relative_url, write_if_changed
 
 #: Modified z-score (Iglewicz and Hoaglin): 0.6745 (x - median) / MAD; |z| above this is an
@@ -96,8 +96,61 @@ def _figures(ok, columns, flagged, out_dir: Path) -> list[tuple[str, Path]]:
     return figures
 
 
-def write_group_report(output_dir: Path) -> Path:
-    """Write ``group/dlmuse_report.html`` and its figures from the group tables."""
+#: The ROIs drawn against NiChart's centile bands: (MUSE id, label).
+CENTILE_ROIS: tuple[tuple[int, str], ...] = tuple(
+    (roi, label) for roi, label in KEY_VOLUMES if roi not in (505, 502)
+)
+
+
+def _centile_figure(ok, columns, flagged, norms, group_dir: Path, out_dir: Path):
+    """Key volumes against the CN centile bands (everyone's table; the ICV's from CN-ICVNorm),
+    one point per image at the age its centiles used; None without centile tables."""
+    table = group_dir / "dlmuse_centiles.tsv"
+    if norms is None or not table.is_file() or not len(ok):
+        return None
+    ages = _read(table).set_index("source")["age"]
+    age = pd.to_numeric(ok["source"].map(ages), errors="coerce")
+    panels = []
+    for roi, label in CENTILE_ROIS:
+        curves = norms.curves["CN"] if roi != ICV_ID else norms.curves["CN-ICVNorm"]
+        if roi not in curves:
+            continue
+        points = [
+            {
+                "age": float(age[i]),
+                "value": float(ok.at[i, columns[roi]]) / 1000.0,
+                "subject": str(ok.at[i, "participant_id"]),
+                "flagged": bool(flagged[i]),
+            }
+            for i in range(len(ok))
+            if not math.isnan(age[i])
+        ]
+        curve = curves[roi]
+        panels.append(
+            {
+                "title": label,
+                "ages": curve.ages,
+                "bands": curve.values / 1000.0,
+                "points": points,
+                "ylabel": "mL",
+            }  # fmt: skip
+        )
+    if not panels or not any(p["points"] for p in panels):
+        return None
+    path = centile_band_panels(panels, out_dir / "dlmuse_centile_bands.png")
+    title = (
+        "Key volumes against NiChart's centiles of cognitively normal people (CN, both sexes; "
+        "bands 5-95th and 25-75th, line 50th; red x: flagged; a subject's sessions joined)"
+    )
+    return title, path
+
+
+def write_group_report(output_dir: Path, norms=None) -> Path:
+    """Write ``group/dlmuse_report.html`` and its figures from the group tables.
+
+    With ``norms`` (:class:`dlmuse_bids.norms.NormTables`) and ``group/dlmuse_centiles.tsv``,
+    the key volumes are also drawn against the normative centile bands.
+    """
     output_dir = Path(output_dir)
     group_dir = output_dir / GROUP_DIR
     volumes = _read(group_dir / "dlmuse_volumes.tsv")
@@ -117,6 +170,9 @@ def write_group_report(output_dir: Path) -> Path:
     figures_dir = group_dir / FIGURES_DIR
     figures_dir.mkdir(parents=True, exist_ok=True)
     figures = _figures(ok, columns, flagged, figures_dir) if len(ok) else []
+    bands = _centile_figure(ok, columns, flagged, norms, group_dir, figures_dir)
+    if bands is not None:
+        figures.append(bands)
 
     def subject_link(row: pd.Series) -> str:
         subject = str(row["participant_id"]).removeprefix("sub-")

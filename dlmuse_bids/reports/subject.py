@@ -14,7 +14,14 @@ from typing import Any
 import nibabel as nib
 import pandas as pd
 
-from ..bids import LOGS_DIR, crash_log_glob, figure_paths, output_paths, report_path
+from ..bids import (
+    LOGS_DIR,
+    centile_paths,
+    crash_log_glob,
+    figure_paths,
+    output_paths,
+    report_path,
+)
 from ..group import image_status
 from ..io import write_bytes_atomic
 from ..labels import ICV_ID
@@ -125,6 +132,80 @@ def _flags_block(qc: Mapping[str, Any]) -> str:
     return f"{summary}<p class=note>{measures}. {check}</p>"
 
 
+_WHO = {"M": "men", "F": "women"}
+
+
+def _centile_bar(text: str) -> str:
+    """A small inline band plot: 0-100 with the 5-95 and 25-75 bands and the image's centile."""
+    outside = text in ("<5", ">95")
+    value = 0.0 if text == "<5" else 100.0 if text == ">95" else float(text)
+    x = 2 + value * 1.16
+    colour = "#a30000" if outside else "#222"
+    return (
+        "<svg class=bar width=120 height=12 viewBox='0 0 120 12' role=img "
+        f"aria-label='centile {escape(text)}'><rect x=2 y=3 width=116 height=6 fill=#eee />"
+        "<rect x=7.8 y=3 width=104.4 height=6 fill=#c6dbef /><rect x=31 y=3 width=58 height=6 "
+        f"fill=#9ecae1 /><line x1=60 x2=60 y1=2 y2=10 stroke=#3182bd /><circle cx={x:.1f} cy=6 "
+        f"r=3.2 fill={colour} /></svg>"
+    )
+
+
+def _centile_words(text: str, beyond: str, who: str) -> str:
+    if text == "<5":
+        return f"smaller than 95 % of {who}: {float(beyond):+.2f} x the 5-95 spread below the 5th"
+    if text == ">95":
+        return f"larger than 95 % of {who}: {float(beyond):+.2f} x the 5-95 spread above the 95th"
+    return f"larger than {float(text):.0f} % of {who}"
+
+
+def _centiles_block(paths: Mapping[str, Path]) -> str:
+    """The key ROIs' normative centiles in words and as small band plots, with a flag for those
+    outside the 5-95 range (information, not failure)."""
+    if not paths["centiles"].is_file():
+        return (
+            "<p class=note>No normative centiles: the image has no age in participants.tsv or "
+            "sessions.tsv, or NiChart's tables were not available to the run.</p>"
+        )
+    table = pd.read_csv(paths["centiles"], sep="\t", dtype=str, keep_default_na=False)
+    meta = json.loads(paths["centiles_json"].read_text(encoding="utf-8"))
+    rows_by_id = {int(r["index"]): r for _, r in table.iterrows()}
+    age = meta.get("Age")
+    who_sex = _WHO.get(meta.get("Sex"), "people")
+    rows, outside = [], []
+    for roi, label in KEY_VOLUMES:
+        row = rows_by_id.get(roi)
+        if row is None or row["centile"] == "n/a":
+            continue
+        who = f"cognitively normal {'people' if row['reference'] == 'CN-ICVNorm' else who_sex}"
+        words = _centile_words(row["centile"], row["centile_beyond"], f"{who} aged {age:g}")
+        if row["centile"] in ("<5", ">95"):
+            outside.append(label)
+        rows.append(
+            f"<tr><td>{escape(label)}</td><td class=num>{escape(row['centile'])}</td>"
+            f"<td>{_centile_bar(row['centile'])}</td><td>{escape(words)}</td>"
+            f"<td class=num>{escape(row['icvnorm_centile'])}</td></tr>"
+        )
+    flag = (
+        f"<p class=flag><b>outside-norms</b>: {escape(', '.join(outside))} outside the 5th-95th "
+        "centiles of cognitively normal people (information, not a failure)</p>"
+        if outside
+        else "<p class=ok>Every key region lies within the 5th-95th centiles.</p>"
+    )
+    edge = (
+        f"<p class=flag>Age {age:g} is outside the norms' {meta['NormativeAgeRange'][0]:g}-"
+        f"{meta['NormativeAgeRange'][1]:g}: centiles at the nearest edge.</p>"
+        if "age-outside-norms" in (meta.get("Flags") or [])
+        else ""
+    )
+    reference = sorted(set(table["reference"]) - {"CN-ICVNorm"})
+    return (
+        f"{flag}{edge}<table><tr><th>region</th><th>centile</th><th>5 / 25-75 / 95</th>"
+        "<th>in words</th><th>ICV-normalised centile</th></tr>" + "".join(rows) + "</table>"
+        f"<p class=note>Against NiChart's {escape(', '.join(reference))} table (age {age:g}; "
+        "the ICV against CN-ICVNorm), linear between neighbouring years and centiles.</p>"
+    )
+
+
 def _provenance_block(sidecar: Mapping[str, Any]) -> str:
     models = sidecar.get("Models") or {}
     rows = [
@@ -174,7 +255,8 @@ def _section(source: Path, output_dir: Path, bids_dir: Path, *, draw: bool) -> s
             t1w = t1w.slicer[..., (sidecar.get("SourceGeometry") or {}).get("Volume", 0)]
         mosaic(t1w, nib.load(paths["dseg"]), nib.load(paths["mask"]), figure)
     qc = _read_row(paths["qc"])
-    outputs = [p for p in paths.values() if p.is_file()]
+    centiles = centile_paths(source, output_dir)
+    outputs = [p for p in [*paths.values(), *centiles.values()] if p.is_file()]
     links = "".join(
         f"<li><a href='{relative_url(p, output_dir)}'>{escape(p.name)}</a></li>" for p in outputs
     )
@@ -186,6 +268,7 @@ def _section(source: Path, output_dir: Path, bids_dir: Path, *, draw: bool) -> s
         "the ICV mask's outline. Left of the subject on the left.</p>"
         f"<h3>Quality control</h3>{_flags_block(qc)}"
         f"<h3>Key volumes</h3>{_volumes_table(paths['volumes'])}"
+        f"<h3>Normative centiles</h3>{_centiles_block(centiles)}"
         f"<h3>Provenance</h3>{_provenance_block(sidecar)}"
         f"<h3>Files</h3><ul>{links}</ul>"
     )

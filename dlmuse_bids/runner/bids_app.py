@@ -81,6 +81,42 @@ def _write_reports(t1w_files: Sequence[Path], settings: BIDSAppSettings, say: Sa
             logger.info("report: %s", path)
 
 
+def _write_centiles(
+    outcomes: Sequence[Outcome], settings: BIDSAppSettings, say: Say, progress=None
+) -> None:
+    """Each segmented image's normative centiles (see :mod:`.centiles`); never fatal."""
+    import pandas as pd
+
+    from ..bids import bids_uri, centile_paths, source_entities
+    from ..demographics import read_demographics
+    from .centiles import resolve_norms, write_centiles
+
+    done = [o.source for o in outcomes if o.status != "failed"]
+    norms = resolve_norms(settings.norms, say, progress) if done else None
+    if norms is None:
+        return
+    people = read_demographics(settings.bids_dir)
+    for note in people.notes:
+        say(note)
+    for source in done:
+        ent = source_entities(source)
+        volumes = output_paths(source, settings.output_dir)["volumes"]
+        rel = volumes.relative_to(settings.output_dir).as_posix()
+        try:
+            write_centiles(
+                pd.read_csv(volumes, sep="\t", na_values="n/a", keep_default_na=False),
+                people.of(ent["subject"], ent.get("session")),
+                norms,
+                centile_paths(source, settings.output_dir),
+                str(source.name),
+                say,
+                where_age=" in participants.tsv or sessions.tsv",
+                Sources=[bids_uri(source, settings.bids_dir), f"bids::{rel}"],
+            )
+        except (OSError, ValueError, KeyError, pd.errors.ParserError) as exc:
+            say(f"{source}: normative centiles not written ({type(exc).__name__}: {exc})")
+
+
 def _ran(source: Path, settings: BIDSAppSettings, prov: Provenance, crashes) -> Outcome:
     """The outcome of an image the workflow ran."""
     if outputs_current(source, settings.output_dir, prov):
@@ -108,7 +144,7 @@ def run_participant(settings: BIDSAppSettings, say: Say, progress=None) -> RunRe
     OutputError
         The derivative dataset cannot be written.
     """
-    from ..bids import remove_leftovers, write_dataset_files
+    from ..bids import centile_paths, remove_leftovers, write_dataset_files
     from ..execution import run_workflow
     from ..workflows import init_participant_wf, workflow_name
 
@@ -141,6 +177,8 @@ def run_participant(settings: BIDSAppSettings, say: Say, progress=None) -> RunRe
     for source in plan.todo:
         for path in remove_leftovers(source, settings.output_dir):
             logger.info("removed %s, left by an interrupted run", path)
+        for path in centile_paths(source, settings.output_dir).values():
+            path.unlink(missing_ok=True)  # of the volumes about to be replaced
     logger.info("%d T1w image(s) to segment, %d already done", len(plan.todo), len(plan.known))
     outcomes = list(plan.known)
     if plan.todo:
@@ -160,6 +198,7 @@ def run_participant(settings: BIDSAppSettings, say: Say, progress=None) -> RunRe
             seconds = time.monotonic() - start
             return RunReport(tuple(outcomes), seconds, len(plan.todo), settings.plugin)
         outcomes += [_ran(source, settings, prov, crashes) for source in plan.todo]
+    _write_centiles(outcomes, settings, say, progress)
     _write_reports(t1w_files, settings, say)
     return RunReport(tuple(outcomes), time.monotonic() - start)
 
@@ -187,8 +226,12 @@ def run_group(settings: BIDSAppSettings, say: Say) -> str:
         frame = write_group_tables(t1w_files, settings.bids_dir, settings.output_dir)
     except OSError as exc:
         raise OutputError(f"{where}: cannot write ({exc.strerror or exc})") from exc
+    from .centiles import resolve_norms
+
+    with_centiles = (where / "dlmuse_centiles.tsv").is_file()  # the bands need the tables
+    norms = resolve_norms(settings.norms, say) if with_centiles else None
     try:
-        report = write_group_report(settings.output_dir)
+        report = write_group_report(settings.output_dir, norms)
     except Exception as exc:  # noqa: BLE001 - the tables are written; say so and go on
         say(f"group report not written ({type(exc).__name__}: {exc})")
     else:

@@ -9,6 +9,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from ..bids import Provenance
+from ..demographics import Subject
 from ..io import InputImageError, load_t1w, nifti_stem
 from ..models import ModelError
 from ..settings import NETWORKS, InferenceOptions, NiftiRunSettings
@@ -38,6 +39,67 @@ def nifti_outputs(output_dir: Path, source: Path) -> dict[str, Path]:
         "volumes": output_dir / f"{name}_DLMUSE_Volumes.csv",
         "provenance": output_dir / f"{name}{NIFTI_SIDECAR}",
     }
+
+
+def nifti_centile_paths(output_dir: Path, source: Path) -> dict[str, Path]:
+    """The centile table of ``source`` and its sidecar, beside its other outputs."""
+    name = nifti_stem(source)
+    return {
+        "centiles": output_dir / f"{name}_DLMUSE_centiles.tsv",
+        "centiles_json": output_dir / f"{name}_DLMUSE_centiles.json",
+    }
+
+
+def _people(settings: NiftiRunSettings, say: Say) -> dict[str, Subject]:
+    """MRID -> age and sex: from ``--demographics``, else ``--age``/``--sex`` for the input."""
+    from ..demographics import read_subjects_csv
+    from ..labels import nichart_mrid
+
+    if settings.demographics is not None:
+        people, notes = read_subjects_csv(settings.demographics)
+        for note in notes:
+            say(note)
+        return people
+    one = Subject(settings.age, settings.sex)
+    return {nichart_mrid(p): one for p in settings.inputs}
+
+
+def _write_all_centiles(settings: NiftiRunSettings, rows: dict[Path, dict], say: Say) -> None:
+    """Each image's normative centiles, from its NiChart volumes row (never fatal)."""
+    import pandas as pd
+
+    from ..labels import NICHART_PREFIX, load_label_table, nichart_mrid
+    from .centiles import resolve_norms, write_centiles
+
+    norms = resolve_norms(settings.norms, say) if rows else None
+    if norms is None:
+        return
+    people = _people(settings, say)
+    names = load_label_table().set_index("index")["name"]
+    for source in [p for p in settings.inputs if p in rows]:
+        row = rows[source]
+        ids = [int(k.removeprefix(NICHART_PREFIX)) for k in row if k.startswith(NICHART_PREFIX)]
+        volumes = pd.DataFrame(
+            {
+                "index": ids,
+                "name": [names[i] for i in ids],
+                "volume_mm3": [float(row[f"{NICHART_PREFIX}{i}"]) for i in ids],
+            }
+        )
+        mrid = nichart_mrid(source)
+        try:
+            write_centiles(
+                volumes,
+                people.get(mrid, Subject()),
+                norms,
+                nifti_centile_paths(settings.output_dir, source),
+                str(source),
+                say,
+                where_age=f" (give --age, or MRID {mrid} in --demographics)",
+                Sources=[str(source.absolute())],
+            )
+        except (OSError, ValueError) as exc:
+            say(f"{source}: normative centiles not written ({type(exc).__name__}: {exc})")
 
 
 def _nifti_current(output_dir: Path, source: Path, prov: Provenance) -> bool:
@@ -144,6 +206,9 @@ def run_nifti(settings: NiftiRunSettings, say: Say, progress=None) -> RunReport:
         if o.status == "skipped"
     }
     todo = plan.todo
+    for source in todo:  # the centiles of volumes about to be replaced
+        for path in nifti_centile_paths(out, source).values():
+            path.unlink(missing_ok=True)
     with (
         ThreadPoolExecutor(1, thread_name_prefix="dlmuse-read") as reader,
         ThreadPoolExecutor(1, thread_name_prefix="dlmuse-write") as writer,
@@ -184,6 +249,7 @@ def run_nifti(settings: NiftiRunSettings, say: Say, progress=None) -> RunReport:
         except OSError as exc:
             why = exc.strerror or exc
             raise OutputError(f"{out}: cannot write DLMUSE_Volumes.csv ({why})") from exc
+    _write_all_centiles(settings, rows, say)
     return RunReport(tuple(outcomes), time.monotonic() - start)
 
 

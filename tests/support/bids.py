@@ -67,7 +67,8 @@ def run_app(bids_dir, out, *extra, models, level="participant", env=None) -> int
 
     argv = [str(bids_dir), str(out), level, "--model-dir", str(models), *map(str, extra)]
     before = tree_digest(Path(bids_dir)) if Path(bids_dir).is_dir() else None
-    code = main(argv, env=env or {})
+    # no network here: nothing is fetched on first use (the fetch tests use loopback servers)
+    code = main(argv, env={"DLMUSE_OFFLINE": "1", **(env or {})})
     if before is not None:
         assert tree_digest(Path(bids_dir)) == before, f"{bids_dir} was modified"
     return code

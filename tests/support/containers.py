@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.support.paths import NICHART_NORMS
+
 REPO = Path(__file__).resolve().parents[2]
 BUILD_IMAGE = REPO / "tools" / "build-image"
 BASE_IMAGE = "debian:bookworm-slim"
@@ -191,6 +193,7 @@ def build_image(engine: Engine, tag: str, template_dir: Path | None, log: Path) 
     """``tools/build-image --cpu --no-models`` against the private engine; raises on failure."""
     cmd = [str(BUILD_IMAGE), "--cpu", "--no-models", "--tag", tag, "--engine", "docker"]
     cmd += ["--template-dir", str(template_dir)] if template_dir else ["--no-template"]
+    cmd += ["--norms-dir", str(NICHART_NORMS)] if NICHART_NORMS.is_dir() else ["--no-norms"]
     ca = host_ca_bundle()
     if ca is not None:
         cmd += ["--ca-bundle", str(ca)]

@@ -18,3 +18,5 @@ DLMUSE_PLANS_SOURCE = OFFICIAL_MODELS_DIR / DLMUSE_DATASET
 #: The brain-trained DLICV stand-in (official plans at 1/4 width): the instrument for agreement.
 STANDIN_MODELS_DIR = SHARED_DIR / "models-standin"
 STANDIN_DLICV = STANDIN_MODELS_DIR / DLICV_DATASET / TRAINED_MODEL_SUBDIR
+#: NiChart's normative centile tables (issue 18), under NiChart's file names.
+NICHART_NORMS = SHARED_DIR / "reference" / "nichart"
