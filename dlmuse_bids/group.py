@@ -137,10 +137,13 @@ def collect_centiles(
     for source in t1w_files:
         row = _id_row(source, bids_dir, output_dir)
         paths = centile_paths(source, output_dir)
-        if row["status"] == "ok" and paths["centiles"].is_file():
-            found = True
+        try:
             table = pd.read_csv(paths["centiles"], sep="\t", dtype=str, keep_default_na=False)
             sidecar = json.loads(paths["centiles_json"].read_text(encoding="utf-8"))
+        except (OSError, ValueError, pd.errors.ParserError):
+            table = None  # none, or not a complete pair: no centiles for this image
+        if row["status"] == "ok" and table is not None and isinstance(sidecar, dict):
+            found = True
             row.update({key: sidecar.get(field) for key, field in CENTILE_INFO.items()})
             row["flags"] = " ".join(row["flags"] or [])
             refs = sorted(set(table["reference"]) - {"CN-ICVNorm"})

@@ -123,6 +123,17 @@ def test_without_tables_or_with_bad_demographics_the_rest_is_unchanged(
     err = capsys.readouterr().err
     assert err.count("normative centiles skipped") == 1 and "DLMUSE_OFFLINE=1" in err
     assert {p: p.read_bytes() for p in out.rglob("*_centiles.*")} == kept
+    # sub-02 segmented again without the tables: its old table (of the old volumes) goes
+    again = ["--overwrite", "--participant-label", "02"]
+    assert (
+        run_app(
+            raw, out, *FAST, *again, models=tiny_models, env={"XDG_CACHE_HOME": "/nonexistent"}
+        )
+        == 0
+    )
+    capsys.readouterr()
+    assert not centile_paths(raw / FILES[2][0], out)["centiles"].exists()
+    assert centile_paths(raw / FILES[0][0], out)["centiles"].exists()
     bad = tmp_path / "raw"
     shutil.copytree(raw, bad)
     (bad / "participants.tsv").write_text(
@@ -172,6 +183,9 @@ def test_dlmuse_run_centiles(tiny_models, tmp_path, capsys):
     assert "no age (give --age, or MRID sub-2 in --demographics)" in err
     assert set(pd.read_csv(paths["centiles"], sep="\t")["reference"]) == {"CN-Males", "CN-ICVNorm"}
     assert not nifti_centile_paths(out, heads[1])["centiles"].exists()
+    # segmented again without an age: the old table (of the old volumes) goes
+    assert dlmuse_main([*run, str(heads[0]), "--overwrite"]) == 0
+    assert not paths["centiles"].exists() and not paths["centiles_json"].exists()
     with pytest.raises(SystemExit) as refused:  # a code that says no sex: a usage error
         dlmuse_main(["run", "-o", str(out), "--sex", "2", str(heads[0])])
     assert refused.value.code == 64

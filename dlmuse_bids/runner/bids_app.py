@@ -84,37 +84,53 @@ def _write_reports(t1w_files: Sequence[Path], settings: BIDSAppSettings, say: Sa
 def _write_centiles(
     outcomes: Sequence[Outcome], settings: BIDSAppSettings, say: Say, progress=None
 ) -> None:
-    """Each segmented image's normative centiles (see :mod:`.centiles`); never fatal."""
-    import pandas as pd
+    """Each segmented image's normative centiles (see :mod:`.centiles`); never fatal.
 
-    from ..bids import bids_uri, centile_paths, source_entities
+    An image segmented again whose centiles cannot be made now loses its old table (it was of
+    the old volumes); an image skipped keeps its table when the centiles cannot be made.
+    """
+    from ..bids import centile_paths
     from ..demographics import read_demographics
-    from .centiles import resolve_norms, write_centiles
+    from .centiles import resolve_norms
 
     done = [o.source for o in outcomes if o.status != "failed"]
     norms = resolve_norms(settings.norms, say, progress) if done else None
-    if norms is None:
-        return
-    people = read_demographics(settings.bids_dir)
-    for note in people.notes:
+    people = read_demographics(settings.bids_dir) if norms is not None else None
+    for note in people.notes if people is not None else ():
         say(note)
+    processed = {o.source for o in outcomes if o.status == "processed"}
     for source in done:
-        ent = source_entities(source)
-        volumes = output_paths(source, settings.output_dir)["volumes"]
-        rel = volumes.relative_to(settings.output_dir).as_posix()
-        try:
-            write_centiles(
-                pd.read_csv(volumes, sep="\t", na_values="n/a", keep_default_na=False),
-                people.of(ent["subject"], ent.get("session")),
-                norms,
-                centile_paths(source, settings.output_dir),
-                str(source.name),
-                say,
-                where_age=" in participants.tsv or sessions.tsv",
-                Sources=[bids_uri(source, settings.bids_dir), f"bids::{rel}"],
-            )
-        except (OSError, ValueError, KeyError, pd.errors.ParserError) as exc:
-            say(f"{source}: normative centiles not written ({type(exc).__name__}: {exc})")
+        paths = centile_paths(source, settings.output_dir)
+        made = people is not None and _image_centiles(source, settings, people, norms, paths, say)
+        if not made and source in processed:  # an old table, of the volumes just replaced
+            for path in paths.values():
+                path.unlink(missing_ok=True)
+
+
+def _image_centiles(source, settings: BIDSAppSettings, people, norms, paths, say: Say) -> bool:
+    """Write one image's centile table; False (said) when it could not be made."""
+    import pandas as pd
+
+    from ..bids import bids_uri, source_entities
+    from .centiles import write_centiles
+
+    ent = source_entities(source)
+    volumes = output_paths(source, settings.output_dir)["volumes"]
+    rel = volumes.relative_to(settings.output_dir).as_posix()
+    try:
+        return write_centiles(
+            pd.read_csv(volumes, sep="\t", na_values="n/a", keep_default_na=False),
+            people.of(ent["subject"], ent.get("session")),
+            norms,
+            paths,
+            str(source.name),
+            say,
+            where_age=" in participants.tsv or sessions.tsv",
+            Sources=[bids_uri(source, settings.bids_dir), f"bids::{rel}"],
+        )
+    except (OSError, ValueError, KeyError, pd.errors.ParserError) as exc:
+        say(f"{source}: normative centiles not written ({type(exc).__name__}: {exc})")
+        return False
 
 
 def _ran(source: Path, settings: BIDSAppSettings, prov: Provenance, crashes) -> Outcome:
@@ -144,7 +160,7 @@ def run_participant(settings: BIDSAppSettings, say: Say, progress=None) -> RunRe
     OutputError
         The derivative dataset cannot be written.
     """
-    from ..bids import centile_paths, remove_leftovers, write_dataset_files
+    from ..bids import remove_leftovers, write_dataset_files
     from ..execution import run_workflow
     from ..workflows import init_participant_wf, workflow_name
 
@@ -177,8 +193,6 @@ def run_participant(settings: BIDSAppSettings, say: Say, progress=None) -> RunRe
     for source in plan.todo:
         for path in remove_leftovers(source, settings.output_dir):
             logger.info("removed %s, left by an interrupted run", path)
-        for path in centile_paths(source, settings.output_dir).values():
-            path.unlink(missing_ok=True)  # of the volumes about to be replaced
     logger.info("%d T1w image(s) to segment, %d already done", len(plan.todo), len(plan.known))
     outcomes = list(plan.known)
     if plan.todo:

@@ -64,17 +64,18 @@ def _people(settings: NiftiRunSettings, say: Say) -> dict[str, Subject]:
     return {nichart_mrid(p): one for p in settings.inputs}
 
 
-def _write_all_centiles(settings: NiftiRunSettings, rows: dict[Path, dict], say: Say) -> None:
-    """Each image's normative centiles, from its NiChart volumes row (never fatal)."""
+def _write_all_centiles(
+    settings: NiftiRunSettings, rows: dict[Path, dict], processed: set[Path], say: Say
+) -> None:
+    """Each image's normative centiles, from its NiChart volumes row (never fatal); an image
+    segmented again whose centiles cannot be made now loses its old table."""
     import pandas as pd
 
     from ..labels import NICHART_PREFIX, load_label_table, nichart_mrid
     from .centiles import resolve_norms, write_centiles
 
     norms = resolve_norms(settings.norms, say) if rows else None
-    if norms is None:
-        return
-    people = _people(settings, say)
+    people = _people(settings, say) if norms is not None else {}
     names = load_label_table().set_index("index")["name"]
     for source in [p for p in settings.inputs if p in rows]:
         row = rows[source]
@@ -87,12 +88,14 @@ def _write_all_centiles(settings: NiftiRunSettings, rows: dict[Path, dict], say:
             }
         )
         mrid = nichart_mrid(source)
+        paths = nifti_centile_paths(settings.output_dir, source)
+        made = False
         try:
-            write_centiles(
+            made = norms is not None and write_centiles(
                 volumes,
                 people.get(mrid, Subject()),
                 norms,
-                nifti_centile_paths(settings.output_dir, source),
+                paths,
                 str(source),
                 say,
                 where_age=f" (give --age, or MRID {mrid} in --demographics)",
@@ -100,6 +103,9 @@ def _write_all_centiles(settings: NiftiRunSettings, rows: dict[Path, dict], say:
             )
         except (OSError, ValueError) as exc:
             say(f"{source}: normative centiles not written ({type(exc).__name__}: {exc})")
+        if not made and source in processed:  # an old table, of the volumes just replaced
+            for path in paths.values():
+                path.unlink(missing_ok=True)
 
 
 def _nifti_current(output_dir: Path, source: Path, prov: Provenance) -> bool:
@@ -206,9 +212,6 @@ def run_nifti(settings: NiftiRunSettings, say: Say, progress=None) -> RunReport:
         if o.status == "skipped"
     }
     todo = plan.todo
-    for source in todo:  # the centiles of volumes about to be replaced
-        for path in nifti_centile_paths(out, source).values():
-            path.unlink(missing_ok=True)
     with (
         ThreadPoolExecutor(1, thread_name_prefix="dlmuse-read") as reader,
         ThreadPoolExecutor(1, thread_name_prefix="dlmuse-write") as writer,
@@ -249,7 +252,8 @@ def run_nifti(settings: NiftiRunSettings, say: Say, progress=None) -> RunReport:
         except OSError as exc:
             why = exc.strerror or exc
             raise OutputError(f"{out}: cannot write DLMUSE_Volumes.csv ({why})") from exc
-    _write_all_centiles(settings, rows, say)
+    processed = {o.source for o in outcomes if o.status == "processed"}
+    _write_all_centiles(settings, rows, processed, say)
     return RunReport(tuple(outcomes), time.monotonic() - start)
 
 
