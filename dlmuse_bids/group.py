@@ -127,13 +127,19 @@ def collect_volumes(
 CENTILE_INFO = {"age": "Age", "sex": "Sex", "flags": "Flags"}
 
 
+#: The group centile tables: file stem -> the column of the per-image tables they hold.
+CENTILE_TABLES = {"dlmuse_centiles": "centile", "dlmuse_centiles_icvnorm": "icvnorm_centile"}
+
+
 def collect_centiles(
-    t1w_files: Sequence[Path], bids_dir: Path, output_dir: Path, column: str = "centile"
-) -> pd.DataFrame | None:
-    """One row per image (id columns, age, sex, reference, flags), one column per ROI: the
-    ``column`` of its centile table; None when no image has one."""
+    t1w_files: Sequence[Path], bids_dir: Path, output_dir: Path
+) -> dict[str, pd.DataFrame] | None:
+    """For each of :data:`CENTILE_TABLES`, one row per image (id columns, age, sex, flags,
+    reference) and one column per ROI: that column of its centile table. Each image's table is
+    read once; None when no image has one."""
     columns = roi_columns()
-    rows, found = [], False
+    rows: dict[str, list[dict]] = {stem: [] for stem in CENTILE_TABLES}
+    found = False
     for source in t1w_files:
         row = _id_row(source, bids_dir, output_dir)
         paths = centile_paths(source, output_dir)
@@ -142,21 +148,28 @@ def collect_centiles(
             sidecar = json.loads(paths["centiles_json"].read_text(encoding="utf-8"))
         except (OSError, ValueError, pd.errors.ParserError):
             table = None  # none, or not a complete pair: no centiles for this image
+        cells: dict[str, dict] = {stem: {} for stem in CENTILE_TABLES}
         if row["status"] == "ok" and table is not None and isinstance(sidecar, dict):
             found = True
             row.update({key: sidecar.get(field) for key, field in CENTILE_INFO.items()})
             row["flags"] = " ".join(row["flags"] or [])
             refs = sorted(set(table["reference"]) - {"CN-ICVNorm"})
             row["reference"] = refs[0] if len(refs) == 1 else " ".join(refs)
-            cells = dict(zip(table["index"].astype(int), table[column], strict=True))
-            row.update({name: cells[roi] for roi, name in columns.items() if roi in cells})
-        rows.append(row)
+            ids = table["index"].astype(int)
+            for stem, column in CENTILE_TABLES.items():
+                by_id = dict(zip(ids, table[column], strict=True))
+                cells[stem] = {name: by_id[roi] for roi, name in columns.items() if roi in by_id}
+        for stem in CENTILE_TABLES:
+            rows[stem].append({**row, **cells[stem]})
     if not found:
         return None
-    frame = pd.DataFrame(rows)
     head = [*ID_COLUMNS[:8], *CENTILE_INFO, "reference"]
-    rois = [name for name in columns.values() if name in frame.columns]
-    return frame.reindex(columns=[*head, *rois])
+    out = {}
+    for stem, image_rows in rows.items():
+        frame = pd.DataFrame(image_rows)
+        rois = [name for name in columns.values() if name in frame.columns]
+        out[stem] = frame.reindex(columns=[*head, *rois])
+    return out
 
 
 def merge_participants(frame: pd.DataFrame, bids_dir: Path) -> pd.DataFrame:
@@ -223,13 +236,8 @@ def write_group_tables(
     write_bytes_atomic(out / "dlmuse_volumes_icvnorm.tsv", _tsv(icv_normalised(frame)))
     write_bytes_atomic(out / "dlmuse_volumes_summary.tsv", _tsv(summary(frame)))
     write_bytes_atomic(out / "dlmuse_qc.tsv", _tsv(collect_qc(t1w_files, bids_dir, output_dir)))
-    for column, name in (
-        ("centile", "dlmuse_centiles"),
-        ("icvnorm_centile", "dlmuse_centiles_icvnorm"),
-    ):
-        centiles = collect_centiles(t1w_files, bids_dir, output_dir, column)
-        if centiles is not None:
-            write_bytes_atomic(out / f"{name}.tsv", _tsv(centiles))
+    for stem, centiles in (collect_centiles(t1w_files, bids_dir, output_dir) or {}).items():
+        write_bytes_atomic(out / f"{stem}.tsv", _tsv(centiles))
     nichart = pd.DataFrame(nichart_rows, columns=nichart_columns())
     write_bytes_atomic(out / "DLMUSE_Volumes.csv", nichart.to_csv(index=False).encode())
     return frame

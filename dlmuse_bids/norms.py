@@ -162,12 +162,10 @@ def place(volume: float, centiles: Sequence[float]) -> tuple[float | None, float
         return None, (volume - c[0]) / spread if spread > 0 else -math.inf
     if volume > c[-1]:
         return None, (volume - c[-1]) / spread if spread > 0 else math.inf
-    for k in range(4):
-        if volume <= c[k + 1]:
-            width = c[k + 1] - c[k]
-            frac = (volume - c[k]) / width if width > 0 else 0.0
-            return CENTILES[k] + frac * (CENTILES[k + 1] - CENTILES[k]), None
-    return CENTILES[-1], None  # pragma: no cover - volume == c[-1] returns above
+    k = next(k for k in range(4) if volume <= c[k + 1])  # c[4] >= volume: always found
+    width = c[k + 1] - c[k]
+    frac = (volume - c[k]) / width if width > 0 else 0.0
+    return CENTILES[k] + frac * (CENTILES[k + 1] - CENTILES[k]), None
 
 
 def centile(volume: float, age: float, curve: Curve) -> Centile:

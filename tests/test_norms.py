@@ -33,13 +33,11 @@ needs_nichart = pytest.mark.skipif(
 
 
 def _volumes(**by_id: float) -> pd.DataFrame:
-    table = labels.load_label_table().set_index("index")
+    """A volumes table from keyword arguments ``id<MUSE id>=mm3``."""
+    names = labels.load_label_table().set_index("index")["name"]
+    ids = [int(key.removeprefix("id")) for key in by_id]
     return pd.DataFrame(
-        {
-            "index": list(by_id_keys := [int(k.removeprefix("id")) for k in by_id]),
-            "name": [table.at[i, "name"] for i in by_id_keys],
-            "volume_mm3": list(by_id.values()),
-        }
+        {"index": ids, "name": [names[i] for i in ids], "volume_mm3": list(by_id.values())}
     )
 
 
