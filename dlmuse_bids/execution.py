@@ -67,6 +67,85 @@ def write_nipype_config(work_dir: Path, verbosity: int) -> Path:
     return config_dir
 
 
+def image_of(fullname: str, images: dict[str, Path]) -> str | None:
+    """The image sub-workflow (a key of ``images``) that the node ``fullname`` belongs to."""
+    return next((part for part in fullname.split(".") if part in images), None)
+
+
+def image_order_plugin(name: str, images: dict[str, Path], plugin_args: dict):
+    """nipype's ``Linear`` or ``MultiProc`` plugin, taking the images in turn; else None.
+
+    Both plugins follow a topological order that runs each step for every image before the
+    next step for any: no image is finished until the last one has had its DLICV, so a run
+    killed at 90 % (a wall time, a ``scancel``) keeps nothing. These run an image's nodes
+    before a later image's, so images finish one by one (``nprocs`` at a time), and a run
+    that is stopped keeps every image finished so far. The work is the same.
+    """
+    from nipype.pipeline.plugins import LinearPlugin, MultiProcPlugin
+
+    rank = {wf: i for i, wf in enumerate(images)}
+
+    def image_rank(node) -> int:
+        wf = image_of(node.fullname, images)
+        return rank[wf] if wf is not None else len(rank)
+
+    class ImageOrderLinearPlugin(LinearPlugin):
+        def run(self, graph, config, updatehash=False):
+            import networkx as nx
+
+            groups = sorted(
+                nx.weakly_connected_components(graph),
+                key=lambda nodes: min(image_rank(n) for n in nodes),
+            )
+            stop = str(config["execution"]["stop_on_first_crash"]).lower() in ("true", "1")
+            errors = []
+            for nodes in groups:
+                try:
+                    super().run(graph.subgraph(nodes).copy(), config, updatehash=updatehash)
+                except Exception as exc:  # noqa: BLE001 - nipype's own; the first is raised
+                    errors.append(exc)
+                    if stop:
+                        break
+            if errors:
+                raise errors[0]
+
+    class ImageOrderMultiProcPlugin(MultiProcPlugin):
+        def _sort_jobs(self, jobids, scheduler="tsort"):
+            jobids = super()._sort_jobs(jobids, scheduler=scheduler)
+            return sorted(jobids, key=lambda j: image_rank(self.procs[j]))  # stable
+
+        def run(self, graph, config, updatehash=False):
+            try:
+                return super().run(graph, config, updatehash=updatehash)
+            except BaseException:  # a signal's Stopped, KeyboardInterrupt: no worker goes on
+                stop_workers(getattr(self, "pool", None))
+                raise
+
+    plugins = {"Linear": ImageOrderLinearPlugin, "MultiProc": ImageOrderMultiProcPlugin}
+    return plugins[name](plugin_args=plugin_args) if name in plugins else None
+
+
+def stop_workers(pool, grace: float = 5.0) -> None:
+    """End the worker processes of a ``ProcessPoolExecutor`` now, their tasks unfinished.
+
+    ``shutdown`` alone waits for running tasks (a network pass can take minutes); the workers
+    get SIGTERM, then SIGKILL after ``grace`` seconds. The executor keeps its processes in
+    ``_processes`` (Python 3.14 has ``terminate_workers`` for this).
+    """
+    if pool is None:
+        return
+    workers = list((getattr(pool, "_processes", None) or {}).values())
+    for worker in workers:
+        worker.terminate()
+    deadline = time.monotonic() + grace
+    for worker in workers:
+        worker.join(max(0.0, deadline - time.monotonic()))
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
 @dataclass
 class Progress:
     """nipype status callback: a line per image as it finishes, a bar on a terminal."""
@@ -79,17 +158,11 @@ class Progress:
     finished: dict[str, str] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def _image(self, node) -> str | None:
-        for part in node.fullname.split("."):
-            if part in self.images:
-                return part
-        return None
-
     def __call__(self, node, status: str) -> None:
         from .workflows import SINK_NODES
 
         sinks = self.sinks or SINK_NODES
-        wf = self._image(node)
+        wf = image_of(node.fullname, self.images)
         if wf is None:
             return
         with self.lock:
@@ -151,7 +224,7 @@ def collect_crashes(crash_dir: Path, images: dict[str, Path], logs: Path) -> dic
         text = crash.read_text(encoding="utf-8", errors="replace")
         first = text.splitlines()[0] if text else ""
         parts = first.removeprefix("Node: ").split(".")
-        wf = next((p for p in parts if p in images), None)
+        wf = image_of(first.removeprefix("Node: "), images)
         if wf is None:
             continue
         source = images[wf]
@@ -222,8 +295,10 @@ def run_workflow(wf, images: dict[str, Path], settings: BIDSAppSettings) -> dict
             "remove_unnecessary_outputs": False,
         }
     )
+    plugin_args = _plugin_args(settings, images, wf)
+    plugin = image_order_plugin(settings.plugin, images, plugin_args) or settings.plugin
     try:
-        wf.run(plugin=settings.plugin, plugin_args=_plugin_args(settings, images, wf))
+        wf.run(plugin=plugin, plugin_args=plugin_args)
     except RuntimeError as exc:  # nipype: "Workflow did not execute cleanly"
         logger.info("workflow reported failures: %s", str(exc).splitlines()[0])
     if graph:

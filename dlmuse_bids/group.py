@@ -25,6 +25,7 @@ from .labels import (
     nichart_mrid,
     nichart_volumes_row,
 )
+from .locks import holder
 
 logger = logging.getLogger(__name__)
 
@@ -63,9 +64,16 @@ def _roi_columns() -> tuple[tuple[int, str], ...]:
 
 
 def image_status(source: Path, output_dir: Path) -> str:
-    """``ok`` (outputs written), ``failed`` (a crash file in logs/) or ``missing``."""
+    """``ok`` (outputs written), ``failed`` (a crash file in logs/) or ``missing``.
+
+    An image a participant run is segmenting now (it holds the image's lock,
+    :mod:`dlmuse_bids.locks`) is ``missing``, whatever its files: they may be half old, half
+    new, and an earlier crash file is not this run's. A later group run picks it up.
+    """
     logs = Path(output_dir) / LOGS_DIR
     paths = output_paths(source, output_dir)
+    if holder(output_dir, paths["dseg"].name) is not None:
+        return "missing"
     if paths["volumes"].is_file() and paths["dseg_json"].is_file():
         return "ok"
     if logs.is_dir() and any(logs.glob(crash_log_glob(source))):

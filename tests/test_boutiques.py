@@ -24,7 +24,9 @@ from dlmuse_bids.cli.common import (
     EXIT_CANT_CREATE,
     EXIT_NO_INPUT,
     EXIT_SOME_FAILED,
+    EXIT_TEMPFAIL,
     EXIT_USAGE,
+    STOP_SIGNALS,
     non_negative_int,
     positive_int,
     step_fraction,
@@ -125,8 +127,10 @@ def test_error_codes_are_the_app_exit_codes(descriptor):
         EXIT_USAGE,
         EXIT_NO_INPUT,
         EXIT_CANT_CREATE,
+        EXIT_TEMPFAIL,
+        *(128 + signum for signum in STOP_SIGNALS),
     }
-    assert codes == {1, 16, 17, 18, 64, 66, 73}
+    assert codes == {1, 16, 17, 18, 64, 66, 73, 75, 130, 143}
     listed = [err["code"] for err in descriptor["error-codes"]]
     assert sorted(listed) == sorted(codes)
     assert all(err["description"] for err in descriptor["error-codes"])

@@ -58,6 +58,25 @@ def test_one_row_per_t1w_with_status(study):
     assert len(written) == 4 and (written.columns == frame.columns).all()
 
 
+def test_images_a_participant_run_holds_are_missing_until_it_lets_go(study):
+    """In flight: old files (ok) or an old crash (failed) are not this run's; a later group run
+    picks the image up."""
+    from dlmuse_bids.locks import ImageLocks
+
+    raw, out, sources, _ = study
+    running = ImageLocks(out, print)
+    for source in sources[1:3]:  # one with complete old outputs, one with an old crash file
+        assert running.take(output_paths(source, out)["dseg"].name) is None
+    with running:
+        frame = group.write_group_tables(sources, raw, out)
+        assert frame["status"].tolist() == ["ok", "missing", "missing", "missing"]
+        assert (
+            frame.loc[1, group.roi_columns()[ICV_ID]] != frame.loc[1, group.roi_columns()[ICV_ID]]
+        )
+    frame = group.write_group_tables(sources, raw, out)
+    assert frame["status"].tolist() == ["ok", "ok", "failed", "missing"]
+
+
 def test_icv_normalised_and_summary(study):
     raw, out, sources, tables = study
     frame = group.write_group_tables(sources, raw, out)

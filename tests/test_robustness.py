@@ -7,6 +7,7 @@ was.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
@@ -210,6 +211,169 @@ def test_sigkill_halfway_loses_nothing_and_the_rerun_finishes_the_rest(tiny_mode
     assert {p: p.stat().st_mtime_ns for p in kept} == kept, "finished outputs were rewritten"
     for path in _final_files(out):
         assert_complete(path)
+    assert tree_digest(raw) == before
+
+
+def _marked_processes(marker: str) -> list[int]:
+    """Live processes whose environment holds ``marker`` (the run and every worker it made)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                environ = (entry / "environ").read_bytes()
+            except OSError:
+                continue
+            if marker.encode() in environ.split(b"\0"):
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux's /proc")
+@pytest.mark.parametrize("own_work_dir", [False, True], ids=["temporary-work-dir", "user-w"])
+def test_sigterm_stops_workers_says_what_finished_and_exits_143(
+    tiny_models, tmp_path, own_work_dir
+):
+    """What ``scancel``, ``docker stop`` and Kubernetes do first: SIGTERM to the app alone."""
+    raw = make_dataset(tmp_path / "raw", THREE)
+    before = tree_digest(raw)
+    out, tmp, work = tmp_path / "out", tmp_path / "tmp", tmp_path / "work"
+    tmp.mkdir()
+    marker = f"DLMUSE_TEST_RUN={tmp_path.name}"
+    env = {**os.environ, "TMPDIR": str(tmp), marker.split("=")[0]: marker.split("=")[1]}
+    extra = ["-w", str(work)] if own_work_dir else []
+    cmd = _app_command(raw, out, tiny_models, "--nprocs", "2", *extra)
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 600
+        while not _done(raw, out, THREE) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)  # to the app's own process only, as docker stop does
+        _, err = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, err
+    done = _done(raw, out, THREE)
+    assert 1 <= len(done) < len(THREE), "the signal came after the run had finished"
+    assert "stopped by SIGTERM" in err
+    n_done = len(done)
+    assert (
+        f"{n_done} processed, 0 skipped (outputs up to date), 0 failed, "
+        f"{3 - n_done} not finished (stopped)" in err
+    )
+    assert "Traceback" not in err
+    assert _marked_processes(marker) == [], "a worker outlived the run"
+    assert not [p for p in out.rglob("*.tmp")], "temporary files left behind"
+    for path in _final_files(out):
+        assert_complete(path)
+    assert sorted(p.name for p in tmp.iterdir()) == [], "the temporary work directory is left"
+    assert work.is_dir() is own_work_dir  # a user's -w is theirs: kept for a rerun
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{3 - n_done} processed, {n_done} skipped (outputs up to date)" in rerun.stderr
+    assert _done(raw, out, THREE) == {rel for rel, _ in THREE}
+    assert tree_digest(raw) == before
+
+
+def test_sigterm_stops_dlmuse_run_after_the_image_in_hand(tiny_models, tmp_path):
+    """``dlmuse run`` too: finished images stay whole, the rest are said, exit 143."""
+    from dlmuse_bids.runner import nifti_outputs
+
+    exe = Path(sys.executable).with_name("dlmuse")
+    if not exe.exists():
+        pytest.skip(f"{exe} not installed (pip install -e .)")
+    src = tmp_path / "in"
+    src.mkdir()
+    inputs = [write_scan(src, f"scan{i}_T1w.nii.gz", scan) for i, (_, scan) in enumerate(FOUR)]
+    before = tree_digest(src)
+    out = tmp_path / "out"
+    cmd = [str(exe), "run", *map(str, inputs), "-o", str(out), "--model-dir", str(tiny_models)]
+    cmd += ["--no-tta", "--device", "cpu"]
+
+    def finished() -> list[Path]:
+        return [p for p in inputs if all(f.exists() for f in nifti_outputs(out, p).values())]
+
+    proc = subprocess.Popen(
+        cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 600
+        while not finished() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, err
+    done = finished()
+    assert 1 <= len(done) < len(inputs)
+    assert "stopped by SIGTERM" in err and "Traceback" not in err
+    assert f"{len(done)} processed, 0 skipped" in err
+    assert f"{len(inputs) - len(done)} not finished (stopped)" in err
+    assert not [p for p in out.rglob("*.tmp")] and not [p for p in out.rglob(".*")]
+    for path in _final_files(out):
+        assert_complete(path)
+    rerun = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{len(inputs) - len(done)} processed, {len(done)} skipped" in rerun.stderr
+    assert tree_digest(src) == before
+
+
+def test_the_same_images_twice_at_once_have_one_writer(tiny_models, tmp_path):
+    """A second launch on images a first run holds leaves them to it, and says so (exit 75)."""
+    raw = make_dataset(tmp_path / "raw", THREE)
+    before = tree_digest(raw)
+    out = tmp_path / "out"
+    cmd = _app_command(raw, out, tiny_models)
+    first = subprocess.Popen(
+        cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 600
+        while not _done(raw, out, THREE) and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.killpg(first.pid, signal.SIGSTOP)  # frozen mid-run, its locks held
+        done = _done(raw, out, THREE)
+        assert 1 <= len(done) < len(THREE), "the first run finished before it was paused"
+        try:
+            second = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+        finally:
+            os.killpg(first.pid, signal.SIGCONT)
+        _, first_err = first.communicate(timeout=600)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(first.pid, signal.SIGKILL)
+    n = len(done)
+    assert second.returncode == 75, second.stderr
+    assert (
+        f"0 processed, {n} skipped (outputs up to date), 0 failed, {3 - n} left to another run"
+        in second.stderr
+    )
+    assert f"being segmented by another run (pid {first.pid} on " in second.stderr
+    assert first.returncode == 0, first_err
+    assert "3 processed, 0 skipped (outputs up to date), 0 failed" in first_err
+    assert _done(raw, out, THREE) == {rel for rel, _ in THREE}
+    assert not [p for p in out.rglob("*.tmp")]
+    for path in _final_files(out):
+        assert_complete(path)
+    single = tmp_path / "single"
+    alone = subprocess.run(
+        _app_command(raw, single, tiny_models), capture_output=True, check=False
+    )
+    assert alone.returncode == 0
+    for rel, _ in THREE:
+        ours, theirs = output_paths(raw / rel, out), output_paths(raw / rel, single)
+        assert ours["volumes"].read_bytes() == theirs["volumes"].read_bytes()
+        a, b = (np.asarray(nib.load(p["dseg"]).dataobj) for p in (ours, theirs))
+        assert np.array_equal(a, b)
     assert tree_digest(raw) == before
 
 

@@ -37,6 +37,39 @@ def test_overwrite_runs_what_is_current():
     assert plan.todo == (Path("/a/x.nii"), Path("/a/y.nii")) and plan.known == ()
 
 
+def test_a_claim_leaves_held_images_to_their_run_and_skips_what_it_finished(tmp_path):
+    from dlmuse_bids.locks import ImageLocks
+    from dlmuse_bids.runner.core import claim_images
+
+    other, ours = ImageLocks(tmp_path, print), ImageLocks(tmp_path, print)
+    assert other.take("y.nii") is None  # another run segments y
+    finished = {"z.nii"}  # and finished z while this one planned
+    plan = _plan(["/a/x.nii", "/a/y.nii", "/a/z.nii"])
+    claimed = claim_images(plan, ours, lambda p: p.name, lambda p: p.name in finished, False)
+    assert claimed.todo == (Path("/a/x.nii"),)
+    assert [(o.source.name, o.status) for o in claimed.known] == [
+        ("y.nii", "busy"),
+        ("z.nii", "skipped"),
+    ]
+    assert "/a/y.nii: being segmented by another run (pid " in claimed.known[0].message
+    assert set(ours.held) == {"x.nii"}  # z's lock is let go: nothing of it is written
+    again = claim_images(
+        plan, ImageLocks(tmp_path, print), lambda p: p.name, finished.__contains__, True
+    )
+    assert again.todo == (Path("/a/z.nii"),)  # with --overwrite: a finished image runs again
+    assert [(o.source.name, o.status) for o in again.known] == [
+        ("x.nii", "busy"),
+        ("y.nii", "busy"),
+    ]
+    report = RunReport((Outcome(Path("/a/x.nii"), "processed"), *claimed.known), 2.0)
+    lines = report.summary()
+    assert lines[0] == (
+        "1 processed, 1 skipped (outputs up to date), 0 failed, 1 left to another run, in 2 s"
+    )
+    assert lines[1] == f"busy: {claimed.known[0].message}"
+    assert not report.failed
+
+
 def test_the_summary_counts_and_names_each_failure():
     report = RunReport(
         (

@@ -7,11 +7,14 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
+from ..runner.core import Stopped
 from ..settings import DEVICES, MODES, PRECISIONS, PipelineInference
 
 # BIDS-Apps / sysexits exit codes
@@ -21,6 +24,14 @@ EXIT_USAGE = 64
 EXIT_DATA = 65
 EXIT_NO_INPUT = 66
 EXIT_CANT_CREATE = 73
+EXIT_TEMPFAIL = 75  # images left to another run that holds them: run again later
+
+
+def exit_code(report) -> int:
+    """A finished run's exit code: 1 if an image failed, 75 if one was left to another run."""
+    if report.failed:
+        return EXIT_SOME_FAILED
+    return EXIT_TEMPFAIL if report.count("busy") else EXIT_OK
 
 
 class Parser(argparse.ArgumentParser):
@@ -65,6 +76,48 @@ def patched_environ(values: Mapping[str, str]) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+#: What stops a run: schedulers and container engines send SIGTERM first (``scancel``,
+#: ``docker stop``, Kubernetes), a terminal SIGINT.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Turn the first of :data:`STOP_SIGNALS` into :class:`Stopped`; ignore the later ones.
+
+    The runner stops the workers and says what was finished, the work directory is removed,
+    and the command exits 128 + the signal's number (143 for SIGTERM). A second signal while
+    that happens is ignored: it would cut the clean-up short. The old handlers come back after.
+    Outside the main thread (signals go to it alone) nothing is changed.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    seen: list[int] = []
+
+    def handler(signum, _frame):
+        if not seen:
+            seen.append(signum)
+            raise Stopped(signum)
+
+    old = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, previous in old.items():
+            signal.signal(signum, previous)
+
+
+def said_stopped(stop: Stopped, say: Callable[[str], None]) -> int:
+    """Say that a signal stopped the run and what it had finished; the exit code."""
+    say(f"stopped by {signal.Signals(stop.signum).name}")
+    if stop.report is not None:
+        for line in stop.report.summary():
+            say(line)
+    say("run the same command again to finish the rest (finished images are skipped)")
+    return stop.exit_code
 
 
 @contextlib.contextmanager

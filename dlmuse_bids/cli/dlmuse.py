@@ -14,19 +14,21 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from .. import __version__
-from ..runner import RUN_ERRORS, predict_image, run_nifti
+from ..runner import RUN_ERRORS, Stopped, predict_image, run_nifti
 from ..settings import NiftiRunSettings, available_cpus
 from .common import (
     EXIT_DATA,
     EXIT_NO_INPUT,
     EXIT_OK,
-    EXIT_SOME_FAILED,
     EXIT_USAGE,
     Parser,
     add_inference_options,
+    exit_code,
     inference_options,
     positive_int,
+    said_stopped,
     setup_logging,
+    stop_on_signals,
     third_party_environment,
 )
 from .models_cmd import (
@@ -204,13 +206,16 @@ def _cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         sex=args.sex,
     )
     try:
-        report = run_nifti(settings, _say, ProgressPrinter())
+        with stop_on_signals():
+            report = run_nifti(settings, _say, ProgressPrinter())
     except RUN_ERRORS as exc:
         _say(str(exc))
         return exc.exit_code
+    except Stopped as stop:
+        return said_stopped(stop, _say)
     for line in report.summary():
         _say(line)
-    return EXIT_SOME_FAILED if report.failed else EXIT_OK
+    return exit_code(report)
 
 
 def dlmuse_main(argv: Sequence[str] | None = None) -> int:

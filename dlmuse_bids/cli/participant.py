@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .. import runner
 from ..settings import SLURM_PLUGINS, BIDSAppSettings
-from .common import EXIT_OK, EXIT_SOME_FAILED, patched_environ
+from .common import EXIT_OK, exit_code, patched_environ, said_stopped, stop_on_signals
 from .models_cmd import ProgressPrinter
 
 
@@ -54,16 +54,21 @@ def run_participant(settings: BIDSAppSettings, env: Mapping[str, str]) -> int:
     from ..execution import configure_nipype_logging
 
     configure_nipype_logging(settings.verbosity)
-    with _with_work_dir(settings) as settings:
-        try:
-            with patched_environ(nipype_environ(settings, env)):
-                report = runner.run_participant(settings, _say, ProgressPrinter())
-        except runner.RUN_ERRORS as exc:
-            _say(str(exc))
-            return exc.exit_code
+    try:
+        with (
+            stop_on_signals(),
+            _with_work_dir(settings) as settings,
+            patched_environ(nipype_environ(settings, env)),
+        ):
+            report = runner.run_participant(settings, _say, ProgressPrinter())
+    except runner.RUN_ERRORS as exc:
+        _say(str(exc))
+        return exc.exit_code
+    except runner.Stopped as stop:
+        return said_stopped(stop, _say)
     for line in report.summary():
         _say(line)
-    return EXIT_SOME_FAILED if report.failed else EXIT_OK
+    return exit_code(report)
 
 
 def list_participants(settings: BIDSAppSettings) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -93,7 +94,7 @@ def _write_centiles(
     from ..demographics import read_demographics
     from .centiles import resolve_norms
 
-    done = [o.source for o in outcomes if o.status != "failed"]
+    done = [o.source for o in outcomes if o.status in ("processed", "skipped")]
     norms = resolve_norms(settings.norms, say, progress) if done else None
     people = read_demographics(settings.bids_dir) if norms is not None else None
     for note in people.notes if people is not None else ():
@@ -145,6 +146,16 @@ def _ran(source: Path, settings: BIDSAppSettings, prov: Provenance, crashes) -> 
     return Outcome(source, "failed", "did not complete (see the log)")
 
 
+def _unfinished(source: Path, settings: BIDSAppSettings, prov: Provenance) -> Outcome:
+    """The outcome of an image when the run was stopped: finished, or not (its temporaries go)."""
+    from ..bids import remove_leftovers
+
+    if outputs_current(source, settings.output_dir, prov):
+        return Outcome(source, "processed")
+    remove_leftovers(source, settings.output_dir)
+    return Outcome(source, "stopped", "not finished: the run was stopped")
+
+
 def run_participant(settings: BIDSAppSettings, say: Say, progress=None) -> RunReport:
     """``dlmuse-bids participant``: validate, plan, run the nipype workflow, report.
 
@@ -159,10 +170,10 @@ def run_participant(settings: BIDSAppSettings, say: Say, progress=None) -> RunRe
         A model is missing or the two do not fit together.
     OutputError
         The derivative dataset cannot be written.
+    Stopped
+        A signal stopped the run; its ``report`` says which images were finished.
     """
-    from ..bids import remove_leftovers, write_dataset_files
-    from ..execution import run_workflow
-    from ..workflows import init_participant_wf, workflow_name
+    from ..locks import ImageLocks
 
     start = time.monotonic()
     core.require_writable(settings.output_dir)
@@ -180,6 +191,35 @@ def run_participant(settings: BIDSAppSettings, say: Say, progress=None) -> RunRe
         settings.overwrite,
         "an entity the outputs cannot carry tells them apart; filter one of them out",
     )
+    with ImageLocks(settings.output_dir, say) as locks:
+        plan = core.claim_images(
+            plan,
+            locks,
+            lambda p: output_paths(p, settings.output_dir)["dseg"].name,
+            lambda p: outputs_current(p, settings.output_dir, prov),
+            settings.overwrite,
+        )
+        report = _run_plan(plan, models, prov, settings, say, progress, start)
+    if not report.submitted:  # after the locks: a report counts an image locked as in flight
+        _write_reports(t1w_files, settings, say)
+        report = dataclasses.replace(report, seconds=time.monotonic() - start)
+    return report
+
+
+def _run_plan(
+    plan: core.Plan,
+    models: Mapping[str, ModelInfo],
+    prov: Provenance,
+    settings: BIDSAppSettings,
+    say: Say,
+    progress,
+    start: float,
+) -> RunReport:
+    """The rest of :func:`run_participant`, once the images to run are this run's to write."""
+    from ..bids import remove_leftovers, write_dataset_files
+    from ..execution import run_workflow
+    from ..workflows import init_participant_wf, workflow_name
+
     try:
         write_dataset_files(
             settings.output_dir, settings.bids_dir, settings.version, settings.container
@@ -188,7 +228,7 @@ def run_participant(settings: BIDSAppSettings, say: Say, progress=None) -> RunRe
         why = exc.strerror or exc
         raise OutputError(f"{settings.output_dir}: cannot write dataset files ({why})") from exc
     for outcome in plan.known:
-        if outcome.status == "failed":
+        if outcome.status in ("failed", "busy"):
             say(outcome.message)
     for source in plan.todo:
         for path in remove_leftovers(source, settings.output_dir):
@@ -207,13 +247,17 @@ def run_participant(settings: BIDSAppSettings, say: Say, progress=None) -> RunRe
             template_note=settings.template_note,
         )
         images = {workflow_name(t): t for t in plan.todo}
-        crashes = run_workflow(wf, images, settings)
+        try:
+            crashes = run_workflow(wf, images, settings)
+        except core.Stopped as stop:  # the workers are stopped; say what was finished
+            outcomes += [_unfinished(source, settings, prov) for source in plan.todo]
+            stop.report = RunReport(tuple(outcomes), time.monotonic() - start)
+            raise
         if settings.plugin in GRAPH_PLUGINS:
             seconds = time.monotonic() - start
             return RunReport(tuple(outcomes), seconds, len(plan.todo), settings.plugin)
         outcomes += [_ran(source, settings, prov, crashes) for source in plan.todo]
     _write_centiles(outcomes, settings, say, progress)
-    _write_reports(t1w_files, settings, say)
     return RunReport(tuple(outcomes), time.monotonic() - start)
 
 

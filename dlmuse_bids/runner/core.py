@@ -28,12 +28,34 @@ class OutputError(Exception):
 RUN_ERRORS = (BIDSError, ModelError, OutputError)
 
 
+class Stopped(BaseException):  # noqa: N818 - a request, like KeyboardInterrupt, not an error
+    """The run was asked to stop by signal ``signum`` (SIGTERM from ``scancel``/``docker stop``).
+
+    The command line's signal handler raises it. A BaseException, like KeyboardInterrupt, so
+    that no ``except Exception`` on its way (nipype's Linear plugin catches those per node)
+    takes it for one node's failure. A runner that catches it on the way out sets ``report``:
+    the outcome of every image, those not finished as ``stopped``.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+        self.report: RunReport | None = None
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal's number, as a shell reports a command its signal ended (143)."""
+        return 128 + self.signum
+
+
 @dataclass(frozen=True)
 class Outcome:
     """What happened to one T1w image."""
 
     source: Path
-    status: str  # "processed", "skipped" or "failed"
+    #: "processed", "skipped", "failed", "stopped" (not finished: :class:`Stopped`) or "busy"
+    #: (another run holds it: :func:`claim_images`)
+    status: str
     message: str = ""
     crash_file: Path | None = None
 
@@ -76,6 +98,34 @@ def plan_images(
     return Plan(tuple(todo), tuple(known))
 
 
+def claim_images(
+    plan: Plan,
+    locks,
+    lock_name: Callable[[Path], str],
+    is_current: Callable[[Path], bool],
+    overwrite: bool,
+) -> Plan:
+    """``plan`` with only the images this run could lock (:class:`~dlmuse_bids.locks.ImageLocks`).
+
+    An image another run holds is left to it (``busy``). One whose outputs became current while
+    this run planned (the other run finished it) is skipped unless ``overwrite``. Call it
+    before touching any image's outputs: a busy image's temporaries are the other run's.
+    """
+    todo: list[Path] = []
+    known = list(plan.known)
+    for source in plan.todo:
+        other = locks.take(lock_name(source))
+        if other is not None:
+            msg = f"{source}: being segmented by another run ({other}); left to it"
+            known.append(Outcome(source, "busy", msg))
+        elif not overwrite and is_current(source):
+            locks.release(lock_name(source))
+            known.append(Outcome(source, "skipped", "outputs exist with the same provenance"))
+        else:
+            todo.append(source)
+    return Plan(tuple(todo), tuple(known))
+
+
 @dataclass(frozen=True)
 class RunReport:
     """The outcome of every image of a run, and how long the run took."""
@@ -102,14 +152,20 @@ class RunReport:
                 "when the jobs are done to check them (finished images are skipped)"
             ]
         else:
+            stopped, busy = self.count("stopped"), self.count("busy")
             lines = [
                 f"{self.count('processed')} processed, {self.count('skipped')} skipped (outputs "
-                f"up to date), {self.count('failed')} failed, in {self.seconds:.0f} s"
+                f"up to date), {self.count('failed')} failed, "
+                + (f"{stopped} not finished (stopped), " if stopped else "")
+                + (f"{busy} left to another run, " if busy else "")
+                + f"in {self.seconds:.0f} s"
             ]
         for o in self.outcomes:
             if o.status == "failed":
                 where = f" [crash file: {o.crash_file}]" if o.crash_file else ""
                 lines.append(f"failed: {o.source}: {o.message}{where}")
+            elif o.status == "busy":
+                lines.append(f"busy: {o.message}")
         return lines
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from ..bids import Provenance
 from ..demographics import Subject
 from ..io import InputImageError, load_t1w, nifti_stem
+from ..locks import ImageLocks
 from ..models import ModelError
 from ..settings import NETWORKS, InferenceOptions, NiftiRunSettings
 from .core import (
@@ -18,6 +19,8 @@ from .core import (
     OutputError,
     RunReport,
     Say,
+    Stopped,
+    claim_images,
     model_folders,
     plan_images,
     provenance,
@@ -155,6 +158,75 @@ def _segmentation_failure(source: Path, exc: Exception) -> str:
     return f"segmentation failed ({type(exc).__name__}: {first})"
 
 
+def _when_stopped(
+    todo: Sequence[Path], outcomes: list[Outcome], writes: list[tuple[Path, Future]]
+) -> list[Outcome]:
+    """The outcomes of a stopped run: those whose writes failed are failed, the rest stopped."""
+    unwritten = {p for p, future in writes if future.exception() is not None}
+    seen = {o.source for o in outcomes}
+    return [
+        Outcome(o.source, "failed", "outputs not written") if o.source in unwritten else o
+        for o in outcomes
+    ] + [Outcome(p, "stopped", "not finished: the run was stopped") for p in todo if p not in seen]
+
+
+def _segment_images(
+    todo: Sequence[Path],
+    pipeline,
+    prov: Provenance,
+    out: Path,
+    rows: dict[Path, dict],
+    outcomes: list[Outcome],
+    say: Say,
+    start: float,
+) -> None:
+    """Segment ``todo`` in turn, writing each one's outputs while the next is segmented.
+
+    Each image's outcome goes to ``outcomes`` and its volumes row to ``rows``. On
+    :class:`Stopped`, the writes under way are finished and the rest are ``stopped``.
+    """
+    from ..labels import nichart_mrid, nichart_volumes_row
+
+    with (
+        ThreadPoolExecutor(1, thread_name_prefix="dlmuse-read") as reader,
+        ThreadPoolExecutor(1, thread_name_prefix="dlmuse-write") as writer,
+    ):
+        image = reader.submit(load_t1w, todo[0]) if todo else None
+        writes: list[tuple[Path, Future]] = []
+        try:
+            for i, source in enumerate(todo):
+                current = image  # only the current and the next image are held
+                if i + 1 < len(todo):
+                    image = reader.submit(load_t1w, todo[i + 1])
+                t0 = time.perf_counter()
+                try:
+                    result = pipeline.run(current.result())
+                except Exception as exc:  # noqa: BLE001 - one image's failure must not stop the rest
+                    logger.debug("%s: traceback", source, exc_info=True)
+                    outcomes.append(Outcome(source, "failed", _segmentation_failure(source, exc)))
+                    say(f"{source}: {outcomes[-1].message}")
+                    continue
+                logger.info("%s: segmented in %.1f s", source, time.perf_counter() - t0)
+                failure = _failed_write(writes, out)
+                if failure:
+                    raise failure
+                rows[source] = nichart_volumes_row(nichart_mrid(source), result.volumes)
+                meta = {"Sources": [str(source.absolute())], **prov.metadata()}
+                paths = nifti_outputs(out, source)
+                job = writer.submit(_write_nifti_outputs, result, rows[source], paths, meta)
+                writes.append((source, job))
+                outcomes.append(Outcome(source, "processed"))
+        except Stopped as stop:  # the writes under way finish as the pools close
+            wait([future for _, future in writes])
+            outcomes[:] = _when_stopped(todo, outcomes, writes)
+            stop.report = RunReport(tuple(outcomes), time.monotonic() - start)
+            raise
+        wait([future for _, future in writes])
+        failure = _failed_write(writes, out)
+        if failure:
+            raise failure
+
+
 def run_nifti(settings: NiftiRunSettings, say: Say, progress=None) -> RunReport:
     """``dlmuse run``: segment each input in this process, in NiChart_DLMUSE's layout.
 
@@ -171,7 +243,7 @@ def run_nifti(settings: NiftiRunSettings, say: Say, progress=None) -> RunReport:
     """
     import pandas as pd
 
-    from ..labels import nichart_mrid, nichart_volumes_row, write_nichart_csv
+    from ..labels import write_nichart_csv
     from ..models import load_trained_model
     from ..pipeline import DLMUSEPipeline
 
@@ -193,68 +265,46 @@ def run_nifti(settings: NiftiRunSettings, say: Say, progress=None) -> RunReport:
     except ValueError as exc:
         raise ModelError(str(exc)) from exc
 
-    plan = plan_images(
-        settings.inputs,
-        lambda p: nifti_stem(p),
-        lambda p: _nifti_current(out, p, prov),
-        settings.overwrite,
-        "rename one of them",
-    )
-    outcomes = list(plan.known)
-    for o in plan.known:
-        if o.status == "failed":
-            say(o.message)
-    rows: dict[Path, dict] = {
-        o.source: pd.read_csv(nifti_outputs(out, o.source)["volumes"], dtype={"MRID": str})
-        .iloc[0]
-        .to_dict()
-        for o in plan.known
-        if o.status == "skipped"
-    }
-    todo = plan.todo
-    with (
-        ThreadPoolExecutor(1, thread_name_prefix="dlmuse-read") as reader,
-        ThreadPoolExecutor(1, thread_name_prefix="dlmuse-write") as writer,
-    ):
-        image = reader.submit(load_t1w, todo[0]) if todo else None
-        writes: list[tuple[Path, Future]] = []
-        for i, source in enumerate(todo):
-            current = image  # only the current and the next image are held
-            if i + 1 < len(todo):
-                image = reader.submit(load_t1w, todo[i + 1])
-            t0 = time.perf_counter()
+    with ImageLocks(out, say) as locks:
+        plan = plan_images(
+            settings.inputs,
+            lambda p: nifti_stem(p),
+            lambda p: _nifti_current(out, p, prov),
+            settings.overwrite,
+            "rename one of them",
+        )
+        plan = claim_images(
+            plan,
+            locks,
+            lambda p: nifti_outputs(out, p)["dseg"].name,
+            lambda p: _nifti_current(out, p, prov),
+            settings.overwrite,
+        )
+        outcomes = list(plan.known)
+        for o in plan.known:
+            if o.status in ("failed", "busy"):
+                say(o.message)
+        rows: dict[Path, dict] = {
+            o.source: pd.read_csv(nifti_outputs(out, o.source)["volumes"], dtype={"MRID": str})
+            .iloc[0]
+            .to_dict()
+            for o in plan.known
+            if o.status == "skipped"
+        }
+        _segment_images(plan.todo, pipeline, prov, out, rows, outcomes, say, start)
+        if any(o.status == "busy" for o in outcomes):
+            say("DLMUSE_Volumes.csv not written: the run that holds the other images writes it")
+        elif rows:
             try:
-                result = pipeline.run(current.result())
-            except Exception as exc:  # noqa: BLE001 - one image's failure must not stop the rest
-                logger.debug("%s: traceback", source, exc_info=True)
-                outcomes.append(Outcome(source, "failed", _segmentation_failure(source, exc)))
-                say(f"{source}: {outcomes[-1].message}")
-                continue
-            logger.info("%s: segmented in %.1f s", source, time.perf_counter() - t0)
-            failure = _failed_write(writes, out)
-            if failure:
-                raise failure
-            rows[source] = nichart_volumes_row(nichart_mrid(source), result.volumes)
-            meta = {"Sources": [str(source.absolute())], **prov.metadata()}
-            paths = nifti_outputs(out, source)
-            job = writer.submit(_write_nifti_outputs, result, rows[source], paths, meta)
-            writes.append((source, job))
-            outcomes.append(Outcome(source, "processed"))
-        wait([future for _, future in writes])
-        failure = _failed_write(writes, out)
-        if failure:
-            raise failure
-    if rows:
-        try:
-            write_nichart_csv(
-                [rows[p] for p in settings.inputs if p in rows], out / "DLMUSE_Volumes.csv"
-            )
-        except OSError as exc:
-            why = exc.strerror or exc
-            raise OutputError(f"{out}: cannot write DLMUSE_Volumes.csv ({why})") from exc
-    processed = {o.source for o in outcomes if o.status == "processed"}
-    _write_all_centiles(settings, rows, processed, say)
-    return RunReport(tuple(outcomes), time.monotonic() - start)
+                write_nichart_csv(
+                    [rows[p] for p in settings.inputs if p in rows], out / "DLMUSE_Volumes.csv"
+                )
+            except OSError as exc:
+                why = exc.strerror or exc
+                raise OutputError(f"{out}: cannot write DLMUSE_Volumes.csv ({why})") from exc
+        processed = {o.source for o in outcomes if o.status == "processed"}
+        _write_all_centiles(settings, rows, processed, say)
+        return RunReport(tuple(outcomes), time.monotonic() - start)
 
 
 def predict_image(
