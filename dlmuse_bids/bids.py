@@ -7,6 +7,7 @@ name is made by string surgery on another name.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -154,8 +155,20 @@ def _query_value(value: Any) -> Any:
 
 
 def _index_ignores(participants: Sequence[str]) -> list[Any]:
-    """What pybids need not index: other subjects, other datatypes, hidden and code folders."""
-    ignore: list[Any] = ["code", "sourcedata", "stimuli", "models", re.compile(r"/\.")]
+    """What pybids need not index: other subjects, other datatypes, hidden and code folders.
+
+    ``derivatives/`` too (pybids leaves it out by default; said here so that it stays so): other
+    pipelines' outputs (fMRIPrep's ``desc-preproc_T1w``) and ours, when the output folder is
+    ``<bids_dir>/derivatives/dlmuse``, are never taken for raw T1w images.
+    """
+    ignore: list[Any] = [
+        "code",
+        "derivatives",
+        "sourcedata",
+        "stimuli",
+        "models",
+        re.compile(r"/\."),
+    ]
     ignore.append(_T1W_DIR_IGNORE)
     if participants:
         alternatives = "|".join(re.escape(p) for p in sorted(participants))
@@ -239,12 +252,20 @@ def collect_t1w(
 
 
 def validate_dataset(bids_dir: Path, executable: str = "bids-validator-deno") -> list[str] | None:
-    """Run the BIDS validator; its error messages, or None when it is not installed."""
+    """Run the BIDS validator; its error messages, or None when it is not installed.
+
+    It judges the dataset's structure and metadata, not the NIfTI headers
+    (``--ignoreNiftiHeaders``): an image the loader cannot use is refused on its own, with its
+    reason, and the others run (:func:`dlmuse_bids.io.load_t1w` checks far more than the
+    validator does). A header error would otherwise stop the whole run, and a DataLad dataset
+    with some contents not fetched would never run at all (the validator cannot read them).
+    """
     command = shutil.which(executable)
     if command is None:
         return None
+    flags = ["--format", "json", "--ignoreWarnings", "--ignoreNiftiHeaders"]
     proc = subprocess.run(
-        [command, "--format", "json", "--ignoreWarnings", os.fspath(bids_dir)],
+        [command, *flags, os.fspath(bids_dir)],
         capture_output=True,
         text=True,
         check=False,
@@ -263,11 +284,26 @@ def validate_dataset(bids_dir: Path, executable: str = "bids-validator-deno") ->
     ]
 
 
+@functools.cache
+def _bids_entities() -> tuple[Any, ...]:
+    """pybids' entities of its ``bids`` and ``derivatives`` configs, as it merges them.
+
+    Loaded once: ``parse_file_entities`` loads both configs on every call otherwise (about
+    2 ms, most of the time of naming one image's outputs; minutes over a 10,000-image study).
+    """
+    from bids.layout.models import Config
+
+    merged: dict[str, Any] = {}
+    for name in ("bids", "derivatives"):
+        merged.update(Config.load(name).entities)
+    return tuple(merged.values())
+
+
 def source_entities(source: Path) -> dict[str, Any]:
     """pybids entities of a source file name (zero padding of ``run`` kept)."""
     from bids.layout import parse_file_entities
 
-    return parse_file_entities(os.fspath(source))
+    return parse_file_entities(os.fspath(source), entities=_bids_entities())
 
 
 def derivative_path(source: Path, **entities: Any) -> Path:
@@ -297,7 +333,16 @@ def report_path(output_dir: Path, subject: str) -> Path:
 
 def output_paths(source: Path, output_dir: Path) -> dict[str, Path]:
     """The files one T1w produces, by :data:`OUTPUTS` key."""
-    return {key: Path(output_dir) / derivative_path(source, **ent) for key, ent in OUTPUTS.items()}
+    return dict(_output_paths(os.fspath(source), os.fspath(output_dir)))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _output_paths(source: str, output_dir: str) -> tuple[tuple[str, Path], ...]:
+    # a run asks for each image's names several times (plan, lock, leftovers, outcome)
+    return tuple(
+        (key, Path(output_dir) / derivative_path(Path(source), **ent))
+        for key, ent in OUTPUTS.items()
+    )
 
 
 def centile_paths(source: Path, output_dir: Path) -> dict[str, Path]:

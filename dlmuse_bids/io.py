@@ -11,6 +11,7 @@ import contextlib
 import glob
 import gzip
 import logging
+import math
 import os
 import re
 import secrets
@@ -33,11 +34,25 @@ MIN_VOXELS_PER_AXIS = 32
 MAX_VOXEL_SIZE_MM = 5.0
 #: sform and qform further apart than this (per matrix element, mm) count as disagreeing.
 SQFORM_ATOL_MM = 1e-3
+#: Most bytes a gzipped file's header may claim (vox_offset and voxel data): 4 GiB is a 1024³
+#: float32 volume, far beyond a T1w scan. The limit bounds decompression; a plain .nii file is
+#: read whole anyway, and refused when it is shorter than its header claims.
+MAX_IMAGE_BYTES = 4 << 30
+#: Most bytes a gzip stream may hold beyond what its header claims; they are decompressed (to
+#: check the stream's end and CRC) but not kept.
+MAX_TRAILING_BYTES = 64 << 20
 
 #: A NIfTI file's extension, in any case (``.NII.GZ`` is seen on scanners' exports).
 NIFTI_EXTENSION = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)
 _GZIP_MAGIC = b"\x1f\x8b"
 _GZIP_LEVEL = 6
+# Decompressed bytes enough to tell a NIfTI header, or a format of _OTHER_FORMATS, or text.
+_GZIP_HEAD = 4096
+# Compressed bytes given to zlib at a time: small, as zlib copies what is left of them at the
+# end of each gzip member (a file of 10^5 empty members must not cost 10^5 large copies).
+_GZIP_FEED = 4096
+_GZIP_CHUNK = 1 << 20  # decompressed bytes at a time of a stream's unkept remainder
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 _WRITE_CHUNK = 1 << 20
 # Header fields that make up the voxel-to-world geometry (pixdim[0] is the qform's qfac).
 _GEOMETRY_FIELDS = (
@@ -54,6 +69,12 @@ _OTHER_FORMATS = (
     (128, b"DICM", "a DICOM file"),
     (0, b"\x00\x00\x00\x01", "a FreeSurfer MGH/MGZ volume"),
 )
+
+
+#: Where git-annex (DataLad, OpenNeuro) keeps file contents; a dataset's files link into it.
+ANNEX_OBJECTS = ".git/annex/objects/"
+#: What an unlocked git-annex file holds in place of content not fetched (a pointer file).
+ANNEX_POINTER = b"/annex/objects/"
 
 
 class InputImageError(ValueError):
@@ -93,7 +114,9 @@ def load_t1w(path: str | os.PathLike[str], *, volume: int | None = None) -> nib.
     """Load one T1w NIfTI file, check it thoroughly, and return it as a 3-D float32 image.
 
     The whole file is read (and decompressed) up front, so truncated or corrupt files fail
-    here rather than half-way through a pipeline.
+    here rather than half-way through a pipeline. A gzipped file is decompressed only as far as
+    its header says the image goes (at most :data:`MAX_IMAGE_BYTES`); the stream's remainder,
+    at most :data:`MAX_TRAILING_BYTES`, is checked but not kept.
 
     Parameters
     ----------
@@ -233,8 +256,13 @@ def _load_checked(path: Path, volume: int | None) -> nib.Nifti1Image:
     index = _check_shape(shape, volume)
     if disk_dtype.kind not in "biuf":
         raise _Refusal(f"unsupported voxel data type {disk_dtype}; a scalar T1w image is needed")
-    need = int(np.prod(shape)) * disk_dtype.itemsize
-    have = len(raw) - int(src.dataobj.offset)
+    offset, header_end = int(src.dataobj.offset), klass.header_class.single_vox_offset
+    if offset < header_end:
+        # nibabel reads voxels from byte 0 when vox_offset is 0, the NIfTI C library from the
+        # header's end: which bytes are voxels is anyone's guess.
+        raise _Refusal(f"voxel data offset {offset} is inside the header (at least {header_end})")
+    need = math.prod(shape) * disk_dtype.itemsize  # Python ints: no overflow however large
+    have = len(raw) - offset
     if have < need:
         where = "after decompression " if compressed else ""
         raise _Refusal(f"voxel data truncated {where}(need {need} bytes, found {max(have, 0)})")
@@ -267,7 +295,10 @@ def _read_file(path: Path) -> bytes:
     if not os.path.lexists(path):
         raise _Refusal("file does not exist")
     if path.is_symlink() and not path.exists():
-        raise _Refusal(f"broken symbolic link (target {os.readlink(path)!r} does not exist)")
+        target = os.readlink(path)
+        if ANNEX_OBJECTS in Path(target).as_posix():
+            raise _Refusal(f"content not downloaded (git-annex): run `datalad get {path}`")
+        raise _Refusal(f"broken symbolic link (target {target!r} does not exist)")
     if path.is_dir():
         raise _Refusal("is a directory, not a NIfTI file")
     try:
@@ -278,18 +309,107 @@ def _read_file(path: Path) -> bytes:
         raise _Refusal(f"cannot read file ({exc.strerror or exc})") from exc
     if not raw:
         raise _Refusal("file is empty (0 bytes)")
+    if raw.startswith(ANNEX_POINTER) and len(raw) < 1024:  # an unlocked file, not fetched
+        raise _Refusal(f"content not downloaded (git-annex): run `datalad get {path}`")
     return raw
 
 
 def _gunzip(raw: bytes) -> bytes:
-    # Decompressing everything checks the stream end, CRC and length, which nibabel's
-    # lazy reads of just the voxel bytes would not.
+    """The decompressed file, as far as its header says the image goes.
+
+    Decompressing to the end checks the stream end, CRC and length, which nibabel's lazy reads
+    of just the voxel bytes would not. It is done in steps, so that a small file cannot expand
+    without bound (a gzip bomb, or a header claiming 10^12 voxels): first the header, then the
+    bytes it claims, then the rest of the stream (checked and dropped) up to a limit.
+    """
+    stream = _GzipReader(raw)
+    head = stream.read(_GZIP_HEAD)
+    need = _claimed_bytes(head)
+    if need is None:
+        # No NIfTI header, or no readable size: _load_checked says why, unless the stream is
+        # corrupt, which is the likelier cause.
+        stream.skip(MAX_TRAILING_BYTES)
+        return head
+    if need > MAX_IMAGE_BYTES:
+        raise _Refusal(
+            f"image too large: its header claims {need} bytes, "
+            f"over the {MAX_IMAGE_BYTES >> 30} GiB limit"
+        )
+    content = head + stream.read(need - len(head))
+    if not stream.skip(MAX_TRAILING_BYTES):
+        raise _Refusal(
+            f"gzip stream goes on for over {MAX_TRAILING_BYTES >> 20} MiB "
+            f"past the image its header describes (a gzip bomb or a wrong header)"
+        )
+    return content
+
+
+class _GzipReader:
+    """Incremental decompression of an in-memory gzip file, member after member."""
+
+    def __init__(self, raw: bytes) -> None:
+        self._raw = memoryview(raw)
+        self._fed = 0  # bytes of raw given to zlib so far
+        self._member = zlib.decompressobj(wbits=31)  # gzip framing: zlib checks CRC and length
+        self.done = False
+
+    def read(self, size: int) -> bytes:
+        """Up to ``size`` more decompressed bytes; fewer only at the end of the stream."""
+        parts: list[bytes] = []
+        got = 0
+        while got < size and not self.done:
+            if self._member.eof:
+                self._next_member()
+                continue
+            data = self._member.unconsumed_tail
+            if not data:  # zlib has taken all it was given: the next piece of the file
+                data = self._raw[self._fed : self._fed + _GZIP_FEED]
+                self._fed += len(data)
+            if not data:
+                raise _Refusal("truncated or corrupt gzip stream (ends early)")
+            try:
+                part = self._member.decompress(data, size - got)
+            except zlib.error as exc:
+                raise _Refusal(f"truncated or corrupt gzip stream ({exc})") from exc
+            parts.append(part)
+            got += len(part)
+        return b"".join(parts)
+
+    def skip(self, limit: int) -> bool:
+        """Decompress and drop up to about ``limit`` bytes; whether the stream ended there."""
+        dropped = 0
+        while not self.done and dropped <= limit:
+            dropped += len(self.read(_GZIP_CHUNK))
+        return self.done
+
+    def _next_member(self) -> None:
+        # As gzip.decompress: members may follow one another, and zero bytes may pad the end.
+        self._fed -= len(self._member.unused_data)  # back to the end of this member
+        while self._fed < len(self._raw):
+            window = bytes(self._raw[self._fed : self._fed + _GZIP_FEED])
+            self._fed += len(window) - len(window.lstrip(b"\0"))
+            if window.lstrip(b"\0"):
+                break
+        if self._fed == len(self._raw):
+            self.done = True
+        elif bytes(self._raw[self._fed : self._fed + 2]) != _GZIP_MAGIC:
+            raise _Refusal("truncated or corrupt gzip stream (data after its end)")
+        else:
+            self._member = zlib.decompressobj(wbits=31)
+
+
+def _claimed_bytes(head: bytes) -> int | None:
+    """Bytes up to the end of the voxel data, as a NIfTI header claims; None without one."""
     try:
-        return gzip.decompress(raw)
-    except EOFError as exc:
-        raise _Refusal("truncated or corrupt gzip stream (ends early)") from exc
-    except (gzip.BadGzipFile, zlib.error) as exc:
-        raise _Refusal(f"truncated or corrupt gzip stream ({exc})") from exc
+        klass = _nifti_class(head)
+    except _Refusal:
+        return None
+    hdr = klass.header_class(head[: klass.header_class.sizeof_hdr], check=False)
+    try:
+        voxels = math.prod(max(n, 0) for n in hdr.get_data_shape())  # Python ints: exact
+        return max(hdr.get_data_offset(), 0) + voxels * hdr.get_data_dtype().itemsize
+    except (HeaderDataError, KeyError, ValueError, OverflowError):
+        return None
 
 
 def _nifti_class(raw: bytes) -> type[nib.Nifti1Image]:
@@ -377,12 +497,9 @@ def _checked_affine(hdr: nib.Nifti1Header, form: str, zooms: np.ndarray) -> np.n
         raise _Refusal(f"voxel size must be positive (pixdim {text} mm)")
     if np.any(zooms > MAX_VOXEL_SIZE_MM):
         raise _Refusal(f"voxel size {text} mm is above the {MAX_VOXEL_SIZE_MM:g} mm limit")
-    try:
-        affine = hdr.get_best_affine()
-    except (HeaderDataError, ValueError) as exc:
-        raise _Refusal(f"invalid {form} affine ({exc})") from exc
-    if not np.all(np.isfinite(affine)):
-        raise _Refusal(f"{form} affine has non-finite values")
+    affine = _form_matrix(hdr, form)
+    if form == "sform" and hdr["qform_code"] != 0:
+        _form_matrix(hdr, "qform")  # unused here, but kept with the image for other readers
     axes = affine[:3, :3]
     sizes = np.linalg.norm(axes, axis=0)
     # |det| over the product of column lengths is 1 for orthogonal axes and 0 for degenerate
@@ -396,6 +513,18 @@ def _checked_affine(hdr: nib.Nifti1Header, form: str, zooms: np.ndarray) -> np.n
         )
     if not np.allclose(sizes, zooms, rtol=0.01):
         LOGGER.warning("%s voxel sizes %s mm differ from pixdim %s", form, sizes, zooms)
+    return affine
+
+
+def _form_matrix(hdr: nib.Nifti1Header, form: str) -> np.ndarray:
+    try:
+        affine = hdr.get_qform() if form == "qform" else hdr.get_best_affine()
+    except (HeaderDataError, ValueError) as exc:
+        raise _Refusal(f"invalid {form} affine ({exc})") from exc
+    if not np.all(np.isfinite(affine)):
+        raise _Refusal(f"{form} affine has non-finite values")
+    if np.any(np.abs(affine) > _FLOAT32_MAX):  # a NIfTI-2 value the NIfTI-1 output cannot hold
+        raise _Refusal(f"{form} affine has values beyond float32 range")
     return affine
 
 

@@ -284,6 +284,15 @@ def broken_link(tmp: Path) -> Path:
     return tmp / "t1w.nii.gz"
 
 
+ANNEX_KEY = "MD5E-s2048--0123456789abcdef0123456789abcdef.nii.gz"
+
+
+def annexed_absent(tmp: Path) -> Path:
+    """A DataLad/git-annex file whose content was not fetched: a link to a missing object."""
+    (tmp / "t1w.nii.gz").symlink_to(f".git/annex/objects/Xq/7Z/{ANNEX_KEY}/{ANNEX_KEY}")
+    return tmp / "t1w.nii.gz"
+
+
 def directory(tmp: Path) -> Path:
     (tmp / "t1w.nii").mkdir()
     return tmp / "t1w.nii"
@@ -324,6 +333,16 @@ COARSE_SFORM = np.diag([6.0, 1.0, 1.0, 1.0])
 REFUSED: dict[str, tuple[Builder, dict[str, int], str]] = {
     "missing": (lambda tmp: tmp / "absent.nii.gz", {}, "file does not exist"),
     "broken-symlink": (broken_link, {}, "broken symbolic link"),
+    "annex-unlocked-not-fetched": (
+        raw_file("t1w.nii.gz", f"/annex/objects/{ANNEX_KEY}\n".encode()),
+        {},
+        "content not downloaded (git-annex): run `datalad get",
+    ),
+    "annex-not-fetched": (
+        annexed_absent,
+        {},
+        "content not downloaded (git-annex): run `datalad get",
+    ),
     "directory": (directory, {}, "is a directory"),
     "zero-byte": (raw_file("t1w.nii.gz", b""), {}, "file is empty (0 bytes)"),
     "text": (raw_file("t1w.nii", b"subject,age\n01,42\n" * 40), {}, "looks like a text file"),

@@ -474,6 +474,79 @@ def test_full_disk_fails_clearly_and_leaves_no_partial_file(
         assert_complete(path)
 
 
+# -- datasets as people get them --------------------------------------------------------------
+VALIDATED = ["--no-tta", "--device", "cpu"]  # validated when bids-validator-deno is installed
+
+
+def _annex(raw: Path, t1w: Path, present: bool) -> Path:
+    """Make ``t1w`` what DataLad leaves: a link into .git/annex/objects, content there or not."""
+    import hashlib
+
+    key = f"MD5E-s{t1w.stat().st_size}--{hashlib.md5(t1w.read_bytes()).hexdigest()}.nii.gz"
+    obj = raw / ".git" / "annex" / "objects" / key[6:8] / key[8:10] / key / key
+    obj.parent.mkdir(parents=True)
+    if present:
+        t1w.rename(obj)
+        obj.chmod(0o444)  # git-annex makes contents and their folders read-only
+        obj.parent.chmod(0o555)
+    else:
+        t1w.unlink()
+    t1w.symlink_to(os.path.relpath(obj, t1w.parent))
+    return obj
+
+
+def test_a_datalad_dataset_runs_what_is_fetched_and_names_what_is_not(
+    tiny_models, tmp_path, capsys
+):
+    """OpenNeuro datasets arrive through DataLad: links to git-annex objects, fetched or not."""
+    raw = make_dataset(tmp_path / "raw", THREE)
+    t1w = {label: raw / f"sub-{label}" / "anat" / f"sub-{label}_T1w.nii.gz" for label in "abc"}
+    _annex(raw, t1w["a"], present=True)
+    _annex(raw, t1w["b"], present=False)
+    out = tmp_path / "out"
+    assert run_app(raw, out, "--list-participants", models=tiny_models) == 0
+    assert capsys.readouterr().out.split() == ["a", "b", "c"]
+    assert run_app(raw, out, *VALIDATED, models=tiny_models) == EXIT_SOME_FAILED
+    err = capsys.readouterr().err
+    assert "2 processed, 0 skipped (outputs up to date), 1 failed" in err
+    assert f"{t1w['b']}: content not downloaded (git-annex): run `datalad get {t1w['b']}`" in err
+    assert _done(raw, out, THREE) == {rel for rel, _ in THREE if "sub-b" not in rel}
+    assert run_app(raw, out, models=tiny_models, level="group") == 0
+    table = pd.read_csv(out / "group" / "dlmuse_volumes.tsv", sep="\t")
+    assert table["status"].tolist() == ["ok", "failed", "ok"]
+
+
+def test_output_inside_the_input_is_never_taken_for_input(tiny_models, tmp_path, capsys):
+    """The README's own layout, ``bids_dir/derivatives/dlmuse``, beside fMRIPrep's outputs.
+
+    run_app checks that nothing in the input but ``derivatives/dlmuse`` changes."""
+    raw = make_dataset(tmp_path / "raw", TWO)
+    fmriprep = raw / "derivatives" / "fmriprep"
+    fmriprep.mkdir(parents=True)
+    description = {
+        "Name": "fMRIPrep outputs",
+        "BIDSVersion": "1.10.0",
+        "DatasetType": "derivative",
+        "GeneratedBy": [{"Name": "fMRIPrep", "Version": "24.1.1"}],
+    }
+    (fmriprep / "dataset_description.json").write_text(json.dumps(description))
+    for rel in ("sub-a/anat/sub-a_desc-preproc_T1w.nii.gz", "sub-a/anat/sub-a_T1w.nii.gz"):
+        write_scan(fmriprep, rel, TWO[0][1])
+    out = raw / "derivatives" / "dlmuse"
+    assert run_app(raw, out, *VALIDATED, models=tiny_models) == 0
+    assert "2 processed, 0 skipped (outputs up to date), 0 failed" in capsys.readouterr().err
+    segmented = sorted(p.relative_to(out).as_posix() for p in out.rglob("*_dseg.nii.gz"))
+    assert segmented == [
+        "sub-a/anat/sub-a_seg-DLMUSE_dseg.nii.gz",
+        "sub-b/anat/sub-b_seg-DLMUSE_dseg.nii.gz",
+    ]
+    assert run_app(raw, out, *VALIDATED, models=tiny_models) == 0  # validated with them inside
+    assert "0 processed, 2 skipped (outputs up to date), 0 failed" in capsys.readouterr().err
+    assert run_app(raw, out, models=tiny_models, level="group") == 0
+    table = pd.read_csv(out / "group" / "dlmuse_volumes.tsv", sep="\t")
+    assert table["source"].tolist() == [rel for rel, _ in TWO]
+
+
 # -- inputs that must be segmented the same ----------------------------------------------------
 PLAIN_SCAN = "sub-colin27_T1w.nii.gz"  # 1 mm, RAS, uint8, sform and qform set and equal
 

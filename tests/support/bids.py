@@ -7,6 +7,7 @@ seconds with the tiny test models, which also work at 2 mm.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -66,19 +67,24 @@ def run_app(bids_dir, out, *extra, models, level="participant", env=None) -> int
     from dlmuse_bids.cli.bids_app import main
 
     argv = [str(bids_dir), str(out), level, "--model-dir", str(models), *map(str, extra)]
-    before = tree_digest(Path(bids_dir)) if Path(bids_dir).is_dir() else None
+    inside = Path(out).absolute().is_relative_to(Path(bids_dir).absolute())
+    skip = (
+        (Path(out).absolute().relative_to(Path(bids_dir).absolute()).as_posix(),) if inside else ()
+    )
+    before = tree_digest(Path(bids_dir), skip) if Path(bids_dir).is_dir() else None
     # no network here: nothing is fetched on first use (the fetch tests use loopback servers)
     code = main(argv, env={"DLMUSE_OFFLINE": "1", **(env or {})})
     if before is not None:
-        assert tree_digest(Path(bids_dir)) == before, f"{bids_dir} was modified"
+        assert tree_digest(Path(bids_dir), skip) == before, f"{bids_dir} was modified"
     return code
 
 
-def tree_digest(root: Path) -> dict[str, str]:
+def tree_digest(root: Path, exclude: Sequence[str] = ()) -> dict[str, str]:
     """Every entry under ``root`` (itself included) -> a digest of what it is and holds.
 
     Files by sha256 of their bytes and their mode, symlinks by target (followed or not), folders
-    by mode; compare two calls to prove that a run wrote nothing into ``root``.
+    by mode; compare two calls to prove that a run wrote nothing into ``root``. ``exclude``:
+    folders (relative POSIX paths) left out with all they hold, e.g. an output folder inside.
     """
     import hashlib
     import os
@@ -86,6 +92,8 @@ def tree_digest(root: Path) -> dict[str, str]:
     digest = {}
     for path in [root, *sorted(root.rglob("*"))]:
         key = path.relative_to(root).as_posix()
+        if any(key == e or key.startswith(f"{e}/") for e in exclude):
+            continue
         st = path.lstat()
         if path.is_symlink():
             digest[key] = f"link -> {os.readlink(path)}"
