@@ -8,11 +8,13 @@ leaves, moved to the derivative dataset's ``logs/`` under their image's name.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -72,7 +74,7 @@ def image_of(fullname: str, images: dict[str, Path]) -> str | None:
     return next((part for part in fullname.split(".") if part in images), None)
 
 
-def image_order_plugin(name: str, images: dict[str, Path], plugin_args: dict):
+def image_order_plugin(name: str, images: dict[str, Path], plugin_args: dict, stop=None):
     """nipype's ``Linear`` or ``MultiProc`` plugin, taking the images in turn; else None.
 
     Both plugins follow a topological order that runs each step for every image before the
@@ -80,7 +82,12 @@ def image_order_plugin(name: str, images: dict[str, Path], plugin_args: dict):
     killed at 90 % (a wall time, a ``scancel``) keeps nothing. These run an image's nodes
     before a later image's, so images finish one by one (``nprocs`` at a time), and a run
     that is stopped keeps every image finished so far. The work is the same.
+
+    ``stop`` (a :class:`~dlmuse_bids.runner.core.StopRequest`) is looked at between images
+    (Linear) and at every scheduling pass (MultiProc): a stop raised in a node this process
+    runs reaches nipype as that node's failure, and the run must not go on to the next image.
     """
+    check = stop.check if stop is not None else lambda: None
     from nipype.pipeline.plugins import LinearPlugin, MultiProcPlugin
 
     rank = {wf: i for i, wf in enumerate(images)}
@@ -97,20 +104,27 @@ def image_order_plugin(name: str, images: dict[str, Path], plugin_args: dict):
                 nx.weakly_connected_components(graph),
                 key=lambda nodes: min(image_rank(n) for n in nodes),
             )
-            stop = str(config["execution"]["stop_on_first_crash"]).lower() in ("true", "1")
+            stop_first = str(config["execution"]["stop_on_first_crash"]).lower() in ("true", "1")
             errors = []
-            for nodes in groups:
-                try:
-                    super().run(graph.subgraph(nodes).copy(), config, updatehash=updatehash)
-                except Exception as exc:  # noqa: BLE001 - nipype's own; the first is raised
-                    errors.append(exc)
-                    if stop:
-                        break
+            cwd = os.getcwd()  # nipype's Linear restores it only when it is not interrupted
+            try:
+                for nodes in groups:
+                    check()
+                    try:
+                        super().run(graph.subgraph(nodes).copy(), config, updatehash=updatehash)
+                    except Exception as exc:  # noqa: BLE001 - nipype's own; the first is raised
+                        check()
+                        errors.append(exc)
+                        if stop_first:
+                            break
+            finally:
+                os.chdir(cwd)
             if errors:
                 raise errors[0]
 
     class ImageOrderMultiProcPlugin(MultiProcPlugin):
         def _sort_jobs(self, jobids, scheduler="tsort"):
+            check()  # each scheduling pass
             jobids = super()._sort_jobs(jobids, scheduler=scheduler)
             return sorted(jobids, key=lambda j: image_rank(self.procs[j]))  # stable
 
@@ -247,14 +261,42 @@ def collect_crashes(crash_dir: Path, images: dict[str, Path], logs: Path) -> dic
     return found
 
 
-def _plugin_args(settings: BIDSAppSettings, images: dict[str, Path], wf) -> dict:
+#: The fewest images in one nipype workflow with a local plugin (:func:`workflow_batches`).
+BATCH_IMAGES = 200
+#: ... and per process: a batch's last images leave the other processes idle until they end.
+BATCH_IMAGES_PER_PROCESS = 25
+
+
+def workflow_batches(todo: Sequence[Path], plugin: str, nprocs: int) -> list[Sequence[Path]]:
+    """The images in the groups that each become one nipype workflow, in order.
+
+    nipype's cost of building and expanding a workflow grows faster than its size: 10,000
+    images (150,000 nodes) took 247 s and 2.7 GiB before the first node ran
+    (``benchmarks/study_scale.py``). The local plugins (Linear, MultiProc), which take images
+    in turn anyway, get them in batches of ``max(200, 25 * nprocs)``; a scheduler's plugin
+    gets them all at once, to keep every image in its queue.
+    """
+    if plugin not in ("Linear", "MultiProc"):
+        return [todo]
+    size = max(BATCH_IMAGES, BATCH_IMAGES_PER_PROCESS * nprocs)
+    return [todo[i : i + size] for i in range(0, len(todo), size)]
+
+
+def workflow_progress(images: dict[str, Path], settings: BIDSAppSettings) -> Progress | None:
+    """The progress lines of a run's images over all its workflows; None where not shown."""
     from .workflows import sink_nodes
 
+    if settings.plugin in GRAPH_PLUGINS:  # they cannot report progress
+        return None
+    return Progress(images, sinks=sink_nodes(settings.template is not None))
+
+
+def _plugin_args(settings: BIDSAppSettings, images: dict[str, Path], wf, progress) -> dict:
     plugin_args: dict = {}
-    if settings.plugin not in GRAPH_PLUGINS:  # they cannot report progress
-        plugin_args["status_callback"] = Progress(
-            images, sinks=sink_nodes(settings.template is not None)
-        )
+    if progress is None:
+        progress = workflow_progress(images, settings)
+    if progress is not None:
+        plugin_args["status_callback"] = progress
     if settings.plugin in ("MultiProc", "LegacyMultiProc"):
         # forkserver: workers never inherit a torch state from this process (as fMRIPrep)
         plugin_args.update(
@@ -268,11 +310,15 @@ def _plugin_args(settings: BIDSAppSettings, images: dict[str, Path], wf) -> dict
     return plugin_args
 
 
-def run_workflow(wf, images: dict[str, Path], settings: BIDSAppSettings) -> dict[Path, Crash]:
+def run_workflow(
+    wf, images: dict[str, Path], settings: BIDSAppSettings, stop=None, progress=None
+) -> dict[Path, Crash]:
     """Run the participant workflow ``wf`` in ``settings.work_dir``; its crashes, by source.
 
     ``images`` maps each image's sub-workflow name to its T1w. With a graph plugin the jobs
     run after this returns and crash under nipype's own names in ``logs/``: nothing to collect.
+    ``progress`` (:func:`workflow_progress`) carries the progress lines over a run's batches;
+    ``stop`` is the command line's :class:`~dlmuse_bids.runner.core.StopRequest`.
     """
     from .workflows import request_slurm_resources
 
@@ -295,15 +341,16 @@ def run_workflow(wf, images: dict[str, Path], settings: BIDSAppSettings) -> dict
             "remove_unnecessary_outputs": False,
         }
     )
-    plugin_args = _plugin_args(settings, images, wf)
-    plugin = image_order_plugin(settings.plugin, images, plugin_args) or settings.plugin
+    plugin_args = _plugin_args(settings, images, wf, progress)
+    plugin = image_order_plugin(settings.plugin, images, plugin_args, stop) or settings.plugin
     try:
-        wf.run(plugin=plugin, plugin_args=plugin_args)
-    except RuntimeError as exc:  # nipype: "Workflow did not execute cleanly"
-        logger.info("workflow reported failures: %s", str(exc).splitlines()[0])
-    if graph:
-        return {}
-    try:
-        return collect_crashes(crash_dir, images, logs)
+        try:
+            wf.run(plugin=plugin, plugin_args=plugin_args)
+        except RuntimeError as exc:  # nipype: "Workflow did not execute cleanly"
+            logger.info("workflow reported failures: %s", str(exc).splitlines()[0])
+        if stop is not None:
+            stop.check()  # the last node's failure may have been the stop
+        return {} if graph else collect_crashes(crash_dir, images, logs)
     finally:
-        shutil.rmtree(crash_dir, ignore_errors=True)
+        if not graph:
+            shutil.rmtree(crash_dir, ignore_errors=True)

@@ -53,7 +53,7 @@ class ImageLocks:
         path = lock_path(self.output_dir, name)
         for _ in range(RETRIES):
             try:
-                path.parent.mkdir(exist_ok=True)
+                path.parent.mkdir(parents=True, exist_ok=True)
                 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
             except FileNotFoundError:  # the folder went with another run's last lock: again
                 continue

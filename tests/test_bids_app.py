@@ -395,3 +395,28 @@ def test_progress_lines(tty):
     assert re.search(r"\[1/2\] b_T1w.nii: failed in \d+ s", text)
     assert re.search(r"\[2/2\] a_T1w.nii.gz: done in \d+ s", text)
     assert ("images" in text) is tty  # the bar only on a terminal
+
+
+def test_a_study_runs_in_batches_of_images(tmp_path, tiny_models, capsys, monkeypatch):
+    """nipype's cost grows faster than a workflow: the local plugins get images in batches."""
+    from dlmuse_bids import execution
+
+    monkeypatch.setattr(execution, "BATCH_IMAGES", 1)
+    monkeypatch.setattr(execution, "BATCH_IMAGES_PER_PROCESS", 1)
+    built = []
+    real = execution.run_workflow
+
+    def counted(wf, images, *args, **kwargs):
+        built.append(sorted(p.name for p in images.values()))
+        return real(wf, images, *args, **kwargs)
+
+    monkeypatch.setattr(execution, "run_workflow", counted)
+    files = STANDARD_T1W[3:5] + [("sub-04/anat/sub-04_T1w.nii.gz", STANDARD_T1W[0][1])]
+    raw = make_dataset(tmp_path / "raw", files)
+    out = tmp_path / "out"
+    assert _run(raw, out, *FAST, "--nprocs", "1", models=tiny_models) == 0
+    err = capsys.readouterr().err
+    assert built == [["sub-02_T1w.nii.gz"], ["sub-03_T1w.nii.gz"], ["sub-04_T1w.nii.gz"]]
+    assert "3 processed, 0 skipped (outputs up to date), 0 failed" in err
+    for n, name in enumerate(["sub-02_T1w.nii.gz", "sub-03_T1w.nii.gz", "sub-04_T1w.nii.gz"]):
+        assert f"[{n + 1}/3] {name}: done in" in err  # one count over all the batches

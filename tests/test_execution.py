@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
 
-from dlmuse_bids.execution import image_order_plugin
+from dlmuse_bids.execution import image_order_plugin, workflow_batches
 
 STEPS = ("reorient", "dlicv", "dlmuse", "sink")
 
@@ -14,10 +15,16 @@ STEPS = ("reorient", "dlicv", "dlmuse", "sink")
 def _step(value):
     if value == "fail":
         raise ValueError("this image fails")
+    if value == "stop":  # as the command line's handler does when SIGTERM arrives
+        import signal
+
+        from dlmuse_bids.runner import Stopped
+
+        raise Stopped(signal.SIGTERM)
     return value
 
 
-def _study(base: Path, names: tuple[str, ...], failing: str = ""):
+def _study(base: Path, names: tuple[str, ...], failing: str = "", stopping: str = ""):
     """A workflow of one four-step chain per image, like the participant workflow."""
     from nipype.interfaces.utility import Function
     from nipype.pipeline import engine as pe
@@ -32,7 +39,7 @@ def _study(base: Path, names: tuple[str, ...], failing: str = ""):
             )
             for step in STEPS
         ]
-        nodes[0].inputs.value = "fail" if name == failing else name
+        nodes[0].inputs.value = "fail" if name == failing else "stop" if name == stopping else name
         for a, b in zip(nodes, nodes[1:], strict=False):
             image.connect(a, "value", b, "value")
         study.add_nodes([image])
@@ -92,6 +99,44 @@ def test_one_failing_image_does_not_stop_the_others(tmp_path):
     assert ("t1w_a_wf", "sink", "start") not in ended
 
 
+def test_a_stop_is_not_taken_for_a_node_failure(tmp_path, monkeypatch):
+    """A signal's Stopped inside a node nipype runs here becomes that node's failure; the
+    plugin sees the request and stops instead of going on to the next image."""
+    from dlmuse_bids.runner import Stopped, StopRequest
+
+    names = ("t1w_a_wf", "t1w_b_wf")
+    request, started = StopRequest(), []
+
+    def record(node, status):
+        if status == "start":
+            started.append(node.fullname)
+            request.signum = signal.SIGTERM  # what the handler notes before it raises
+
+    plugin = image_order_plugin(
+        "Linear",
+        {name: Path(f"{name}.nii.gz") for name in names},
+        {"status_callback": record},
+        request,
+    )
+    monkeypatch.chdir(tmp_path)
+    study = _study(tmp_path, names, stopping="t1w_a_wf")
+    study.config["execution"]["crashdump_dir"] = str(tmp_path / "crash")
+    with pytest.raises(Stopped) as stopped:
+        study.run(plugin=plugin)
+    assert stopped.value.exit_code == 143
+    assert started == ["dlmuse_bids_wf.t1w_a_wf.reorient"]  # image b never started
+    assert Path.cwd() == tmp_path  # nipype's chdir into the node folder is undone
+
+
 def test_other_plugins_are_nipypes_own():
     assert image_order_plugin("SLURM", {}, {}) is None
     assert image_order_plugin("SLURMGraph", {}, {}) is None
+
+
+def test_local_plugins_get_images_in_batches():
+    todo = [Path(f"sub-{i:04d}_T1w.nii.gz") for i in range(450)]
+    assert [len(b) for b in workflow_batches(todo, "Linear", 1)] == [200, 200, 50]
+    assert [len(b) for b in workflow_batches(todo, "MultiProc", 16)] == [400, 50]
+    assert [p for b in workflow_batches(todo, "MultiProc", 2) for p in b] == todo
+    assert [len(b) for b in workflow_batches(todo, "SLURM", 2)] == [450]  # all in its queue
+    assert workflow_batches([], "Linear", 1) == []

@@ -34,6 +34,12 @@ def test_a_taken_lock_is_refused_with_its_holder_until_released(tmp_path):
     assert said == []
 
 
+def test_an_output_folder_not_made_yet_is_made(tmp_path):
+    out = tmp_path / "derivatives" / "dlmuse"
+    assert ImageLocks(out, print).take("img") is None
+    assert holder(out, "img") is not None
+
+
 def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
     code = (
         "import sys, time\n"

@@ -229,9 +229,13 @@ def _marked_processes(marker: str) -> list[int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux's /proc")
-@pytest.mark.parametrize("own_work_dir", [False, True], ids=["temporary-work-dir", "user-w"])
+@pytest.mark.parametrize(
+    ("plugin", "own_work_dir"),
+    [("MultiProc", False), ("MultiProc", True), ("Linear", False)],
+    ids=["temporary-work-dir", "user-w", "linear"],
+)
 def test_sigterm_stops_workers_says_what_finished_and_exits_143(
-    tiny_models, tmp_path, own_work_dir
+    tiny_models, tmp_path, plugin, own_work_dir
 ):
     """What ``scancel``, ``docker stop`` and Kubernetes do first: SIGTERM to the app alone."""
     raw = make_dataset(tmp_path / "raw", THREE)
@@ -241,7 +245,7 @@ def test_sigterm_stops_workers_says_what_finished_and_exits_143(
     marker = f"DLMUSE_TEST_RUN={tmp_path.name}"
     env = {**os.environ, "TMPDIR": str(tmp), marker.split("=")[0]: marker.split("=")[1]}
     extra = ["-w", str(work)] if own_work_dir else []
-    cmd = _app_command(raw, out, tiny_models, "--nprocs", "2", *extra)
+    cmd = _app_command(raw, out, tiny_models, "--nprocs", "2", "--nipype-plugin", plugin, *extra)
     proc = subprocess.Popen(
         cmd,
         env=env,

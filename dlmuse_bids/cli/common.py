@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
-from ..runner.core import Stopped
+from ..runner.core import Stopped, StopRequest
 from ..settings import DEVICES, MODES, PRECISIONS, PipelineInference
 
 # BIDS-Apps / sysexits exit codes
@@ -84,7 +84,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 @contextlib.contextmanager
-def stop_on_signals() -> Iterator[None]:
+def stop_on_signals() -> Iterator[StopRequest]:
     """Turn the first of :data:`STOP_SIGNALS` into :class:`Stopped`; ignore the later ones.
 
     The runner stops the workers and says what was finished, the work directory is removed,
@@ -92,19 +92,19 @@ def stop_on_signals() -> Iterator[None]:
     that happens is ignored: it would cut the clean-up short. The old handlers come back after.
     Outside the main thread (signals go to it alone) nothing is changed.
     """
+    request = StopRequest()
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield request
         return
-    seen: list[int] = []
 
     def handler(signum, _frame):
-        if not seen:
-            seen.append(signum)
+        if request.signum is None:
+            request.signum = signum  # for nipype's in-process nodes, which swallow the raise
             raise Stopped(signum)
 
     old = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
     try:
-        yield
+        yield request
     finally:
         for signum, previous in old.items():
             signal.signal(signum, previous)

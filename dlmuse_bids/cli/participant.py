@@ -56,11 +56,11 @@ def run_participant(settings: BIDSAppSettings, env: Mapping[str, str]) -> int:
     configure_nipype_logging(settings.verbosity)
     try:
         with (
-            stop_on_signals(),
+            stop_on_signals() as stop,
             _with_work_dir(settings) as settings,
             patched_environ(nipype_environ(settings, env)),
         ):
-            report = runner.run_participant(settings, _say, ProgressPrinter())
+            report = runner.run_participant(settings, _say, ProgressPrinter(), stop)
     except runner.RUN_ERRORS as exc:
         _say(str(exc))
         return exc.exit_code

@@ -156,7 +156,9 @@ def _unfinished(source: Path, settings: BIDSAppSettings, prov: Provenance) -> Ou
     return Outcome(source, "stopped", "not finished: the run was stopped")
 
 
-def run_participant(settings: BIDSAppSettings, say: Say, progress=None) -> RunReport:
+def run_participant(
+    settings: BIDSAppSettings, say: Say, progress=None, stop: core.StopRequest | None = None
+) -> RunReport:
     """``dlmuse-bids participant``: validate, plan, run the nipype workflow, report.
 
     ``settings.work_dir`` must be set (the command line makes a temporary one when the user gave
@@ -171,7 +173,8 @@ def run_participant(settings: BIDSAppSettings, say: Say, progress=None) -> RunRe
     OutputError
         The derivative dataset cannot be written.
     Stopped
-        A signal stopped the run; its ``report`` says which images were finished.
+        A signal stopped the run; its ``report`` says which images were finished. ``stop`` is
+        where the command line notes the signal for the nodes run in this process.
     """
     from ..locks import ImageLocks
 
@@ -199,7 +202,7 @@ def run_participant(settings: BIDSAppSettings, say: Say, progress=None) -> RunRe
             lambda p: outputs_current(p, settings.output_dir, prov),
             settings.overwrite,
         )
-        report = _run_plan(plan, models, prov, settings, say, progress, start)
+        report = _run_plan(plan, models, prov, settings, say, progress, start, stop)
     if not report.submitted:  # after the locks: a report counts an image locked as in flight
         _write_reports(t1w_files, settings, say)
         report = dataclasses.replace(report, seconds=time.monotonic() - start)
@@ -214,10 +217,11 @@ def _run_plan(
     say: Say,
     progress,
     start: float,
+    stop: core.StopRequest | None,
 ) -> RunReport:
     """The rest of :func:`run_participant`, once the images to run are this run's to write."""
     from ..bids import remove_leftovers, write_dataset_files
-    from ..execution import run_workflow
+    from ..execution import run_workflow, workflow_batches, workflow_progress
     from ..workflows import init_participant_wf, workflow_name
 
     try:
@@ -236,22 +240,27 @@ def _run_plan(
     logger.info("%d T1w image(s) to segment, %d already done", len(plan.todo), len(plan.known))
     outcomes = list(plan.known)
     if plan.todo:
-        wf = init_participant_wf(
-            t1w_files=plan.todo,
-            bids_dir=settings.bids_dir,
-            output_dir=settings.output_dir,
-            models=models,
-            inference=settings.inference,
-            provenance=prov,
-            template=settings.template,
-            template_note=settings.template_note,
-        )
-        images = {workflow_name(t): t for t in plan.todo}
+        progress_lines = workflow_progress({workflow_name(t): t for t in plan.todo}, settings)
+        crashes: dict = {}
         try:
-            crashes = run_workflow(wf, images, settings)
-        except core.Stopped as stop:  # the workers are stopped; say what was finished
+            for batch in workflow_batches(plan.todo, settings.plugin, settings.nprocs):
+                if crashes and settings.stop_on_first_crash:
+                    break
+                wf = init_participant_wf(
+                    t1w_files=batch,
+                    bids_dir=settings.bids_dir,
+                    output_dir=settings.output_dir,
+                    models=models,
+                    inference=settings.inference,
+                    provenance=prov,
+                    template=settings.template,
+                    template_note=settings.template_note,
+                )
+                images = {workflow_name(t): t for t in batch}
+                crashes |= run_workflow(wf, images, settings, stop, progress_lines)
+        except core.Stopped as stopped:  # the workers are stopped; say what was finished
             outcomes += [_unfinished(source, settings, prov) for source in plan.todo]
-            stop.report = RunReport(tuple(outcomes), time.monotonic() - start)
+            stopped.report = RunReport(tuple(outcomes), time.monotonic() - start)
             raise
         if settings.plugin in GRAPH_PLUGINS:
             seconds = time.monotonic() - start

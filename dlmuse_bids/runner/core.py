@@ -48,6 +48,23 @@ class Stopped(BaseException):  # noqa: N818 - a request, like KeyboardInterrupt,
         return 128 + self.signum
 
 
+@dataclass
+class StopRequest:
+    """Whether a stop was asked for (the signal's number), for code that must look for itself.
+
+    The command line sets it before it raises :class:`Stopped`. nipype turns any exception in
+    a node it runs in this process (the Linear plugin's nodes) into that node's failure, so
+    the plugins look here between nodes (:func:`dlmuse_bids.execution.image_order_plugin`).
+    """
+
+    signum: int | None = None
+
+    def check(self) -> None:
+        """Raise :class:`Stopped` if a stop was asked for."""
+        if self.signum is not None:
+            raise Stopped(self.signum)
+
+
 @dataclass(frozen=True)
 class Outcome:
     """What happened to one T1w image."""
