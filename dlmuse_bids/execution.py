@@ -14,7 +14,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -171,6 +171,8 @@ class Progress:
     sinks_done: dict[str, set] = field(default_factory=dict)
     finished: dict[str, str] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: Told each T1w whose outputs are all written (its lock can go before the run ends).
+    on_done: Callable[[Path], None] | None = None
 
     def __call__(self, node, status: str) -> None:
         from .workflows import SINK_NODES
@@ -192,6 +194,8 @@ class Progress:
 
     def _finish(self, wf: str, what: str) -> None:
         self.finished[wf] = what
+        if what == "done" and self.on_done is not None:
+            self.on_done(self.images[wf])
         seconds = time.monotonic() - self.started[wf]
         n, total = len(self.finished), len(self.images)
         line = f"[{n}/{total}] {self.images[wf].name}: {what} in {seconds:.0f} s"
@@ -282,13 +286,17 @@ def workflow_batches(todo: Sequence[Path], plugin: str, nprocs: int) -> list[Seq
     return [todo[i : i + size] for i in range(0, len(todo), size)]
 
 
-def workflow_progress(images: dict[str, Path], settings: BIDSAppSettings) -> Progress | None:
+def workflow_progress(
+    images: dict[str, Path],
+    settings: BIDSAppSettings,
+    on_done: Callable[[Path], None] | None = None,
+) -> Progress | None:
     """The progress lines of a run's images over all its workflows; None where not shown."""
     from .workflows import sink_nodes
 
     if settings.plugin in GRAPH_PLUGINS:  # they cannot report progress
         return None
-    return Progress(images, sinks=sink_nodes(settings.template is not None))
+    return Progress(images, sinks=sink_nodes(settings.template is not None), on_done=on_done)
 
 
 def _plugin_args(settings: BIDSAppSettings, images: dict[str, Path], wf, progress) -> dict:

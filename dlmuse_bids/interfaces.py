@@ -25,9 +25,10 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from .bids import Provenance, derivative_path, image_sidecar, write_json_atomic
+from .bids import OUTPUTS, Provenance, derivative_path, image_sidecar, write_json_atomic
 from .io import describe_image, load_t1w, make_label_image, save_nifti_atomic, write_bytes_atomic
 from .labels import class_to_muse_lut, roi_volume_table
+from .locks import writing
 from .pipeline import lps_zooms, mask_and_crop, paste_labels, to_native, to_reference_orientation
 from .settings import InferenceOptions
 
@@ -446,6 +447,11 @@ class _SinkInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, desc="file to store (nothing is stored when it is undefined)")
     entities = traits.Dict(mandatory=True, desc="entities replacing the source's suffix etc.")
     metadata = traits.Dict(desc="JSON sidecar content (written after the file)")
+    lock = traits.Bool(
+        False,
+        usedefault=True,
+        desc="write under the image's lock (jobs of a graph plugin, whose launcher has gone)",
+    )
 
 
 class _SinkOutputSpec(TraitedSpec):
@@ -466,6 +472,14 @@ class DerivativesDataSink(SimpleInterface):
         entities = dict(self.inputs.entities)
         if not isdefined(self.inputs.in_file):
             return runtime
+        if not self.inputs.lock:
+            self._store(source, base, entities)
+            return runtime
+        with writing(base, derivative_path(source, **OUTPUTS["dseg"]).name, logger.warning):
+            self._store(source, base, entities)
+        return runtime
+
+    def _store(self, source: Path, base: Path, entities: dict) -> None:
         out = base / derivative_path(source, **entities)
         out.parent.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(out, Path(self.inputs.in_file).read_bytes())
@@ -474,4 +488,3 @@ class DerivativesDataSink(SimpleInterface):
             meta = base / derivative_path(source, **{**entities, "extension": ".json"})
             write_json_atomic(meta, self.inputs.metadata)
             self._results["out_meta"] = str(meta)
-        return runtime

@@ -2,11 +2,13 @@
 
 Two array tasks given the same label, or a user's second launch, must not write one image's
 outputs at once. A run takes each image's lock before it touches the image's outputs and holds
-it to its end; a run that finds it taken leaves the image to the other. The locks are
-``flock`` locks on files in ``<output_dir>/.dlmuse-locks/`` (hidden, so no BIDS tool sees
-them): the kernel (or the NFS/Lustre lock manager, across hosts) drops them when their process
-ends, however it ends, so a killed run leaves no stale lock (at most an unlocked file, which the
-next run takes). A run removes its lock files as it lets go (:meth:`ImageLocks.release`).
+it until they are all written; a run that finds it taken leaves the image to the other. The
+locks are ``flock`` locks on files in ``<output_dir>/.dlmuse-locks/`` (hidden, so no BIDS tool
+sees them): the kernel (or the NFS/Lustre lock manager, across hosts) drops them when their
+process ends, however it ends, so a killed run leaves no stale lock (at most an unlocked file,
+which the next run takes). A run removes its lock files as it lets go
+(:meth:`ImageLocks.release`). The jobs of a graph plugin outlive their launcher's locks: each
+takes the lock for its own write (:func:`writing`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 #: A lock found taken is tried again this often, this far apart: :func:`holder` holds one
 #: for microseconds; a run holds it for the image's minutes.
 RETRIES, RETRY_SECONDS = 5, 0.05
+#: How long a write under :func:`writing` waits for the image's lock, polling this often: long
+#: enough for another run to finish the image (it then writes the same files), short enough
+#: that a job does not sit out its time limit.
+WRITE_WAIT_SECONDS, WRITE_POLL_SECONDS = 3600.0, 1.0
 
 
 def lock_path(output_dir: Path, name: str) -> Path:
@@ -107,6 +113,40 @@ class ImageLocks:
 
     def __exit__(self, *exc_info) -> None:
         self.release()
+
+
+@contextlib.contextmanager
+def writing(
+    output_dir: Path,
+    name: str,
+    say: Callable[[str], None],
+    timeout: float = WRITE_WAIT_SECONDS,
+    poll: float = WRITE_POLL_SECONDS,
+):
+    """Hold ``name``'s lock for one write, waiting while another process holds it.
+
+    For the jobs of a graph plugin (``SLURMGraph``...): the launcher holds the locks only while
+    it plans and submits, so each job that writes an image's outputs takes the lock for its
+    write. A second launch then never removes a job's temporaries as they are written, and two
+    submissions of one image write in turn, never at once.
+
+    Raises
+    ------
+    TimeoutError
+        The lock was held by another process for ``timeout`` seconds.
+    """
+    locks = ImageLocks(output_dir, say)
+    deadline = time.monotonic() + timeout
+    while (other := locks.take(name)) is not None:
+        if time.monotonic() >= deadline:
+            raise TimeoutError(
+                f"{lock_path(output_dir, name)}: held by {other} for over {timeout:.0f} s"
+            )
+        time.sleep(poll)
+    try:
+        yield
+    finally:
+        locks.release(name)
 
 
 def _is_file_at(fd: int, path: Path) -> bool:

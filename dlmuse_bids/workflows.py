@@ -41,11 +41,13 @@ _JOB_MEM_FLOOR_GB = 1.0
 SINK_NODES = ("ds_dseg", "ds_mask", "ds_volumes", "ds_qc")
 #: The sink of the template check's transform (present when a template is available).
 XFM_SINK = "ds_xfm"
+#: The sink of the report's mosaic, the last file an image gets.
+MOSAIC_SINK = "ds_mosaic"
 
 
 def sink_nodes(template: bool) -> tuple[str, ...]:
-    """The sinks of one image's sub-workflow."""
-    return (*SINK_NODES, XFM_SINK) if template else SINK_NODES
+    """The sinks of one image's sub-workflow: when all have ended, it has written everything."""
+    return (*SINK_NODES, MOSAIC_SINK, *([XFM_SINK] if template else []))
 
 
 def workflow_name(source: Path) -> str:
@@ -250,7 +252,7 @@ def _add_mosaic(workflow, inputnode, reorient, sinks, output_dir: Path) -> None:
     draw = pe.Node(ReportMosaic(), name="mosaic", run_without_submitting=True)
     sink = pe.Node(
         DerivativesDataSink(base_directory=str(output_dir), entities=FIGURES["mosaic"]),
-        name="ds_mosaic",
+        name=MOSAIC_SINK,
         run_without_submitting=True,
     )
     # fmt: off
@@ -274,9 +276,14 @@ def init_participant_wf(
     provenance: Provenance,
     template: TemplateFiles | None = None,
     template_note: str = "no template given",
+    lock_writes: bool = False,
     name: str = "dlmuse_bids_wf",
 ) -> pe.Workflow:
-    """One :func:`init_dlmuse_wf` per T1w, side by side (they share nothing)."""
+    """One :func:`init_dlmuse_wf` per T1w, side by side (they share nothing).
+
+    ``lock_writes``: each sink writes under its image's lock
+    (:func:`dlmuse_bids.locks.writing`), for the plugins whose jobs outlive the launcher's.
+    """
     workflow = pe.Workflow(name=name)
     use_gpu = gpu_scheduling(inference.device)
     for t1w in t1w_files:
@@ -295,4 +302,9 @@ def init_participant_wf(
                 )
             ]
         )
+    if lock_writes:
+        for node_name in workflow.list_node_names():
+            node = workflow.get_node(node_name)
+            if isinstance(node.interface, DerivativesDataSink):
+                node.inputs.lock = True
     return workflow

@@ -384,7 +384,8 @@ class _Stream(io.StringIO):
 def test_progress_lines(tty):
     images = {"t1w_a_wf": Path("a_T1w.nii.gz"), "t1w_b_wf": Path("b_T1w.nii")}
     stream = _Stream(tty)
-    progress = Progress(images, stream)
+    written: list[Path] = []
+    progress = Progress(images, stream, on_done=written.append)
     progress(_Node("t1w_a_wf", "reorient"), "start")
     progress(_Node("t1w_b_wf", "reorient"), "start")
     progress(_Node("t1w_b_wf", "dlicv"), "exception")
@@ -395,6 +396,7 @@ def test_progress_lines(tty):
     assert re.search(r"\[1/2\] b_T1w.nii: failed in \d+ s", text)
     assert re.search(r"\[2/2\] a_T1w.nii.gz: done in \d+ s", text)
     assert ("images" in text) is tty  # the bar only on a terminal
+    assert written == [images["t1w_a_wf"]]  # told once, of the image written, not the failed
 
 
 def test_a_study_runs_in_batches_of_images(tmp_path, tiny_models, capsys, monkeypatch):

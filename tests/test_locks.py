@@ -8,6 +8,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+
+import pytest
 
 from dlmuse_bids import locks
 from dlmuse_bids.locks import ImageLocks, holder, lock_path
@@ -110,3 +113,36 @@ def test_a_file_system_without_locks_runs_unlocked_and_says_so_once(tmp_path, mo
     assert image_locks.take("b") is None
     assert len(said) == 1 and "cannot lock (No locks available)" in said[0]
     assert str(tmp_path / locks.LOCKS_DIR) in said[0]
+
+
+def test_a_write_waits_for_the_holder_then_holds_the_lock_itself(tmp_path):
+    first = ImageLocks(tmp_path, print)
+    assert first.take("img") is None
+    events: list[str] = []
+
+    def write() -> None:
+        with locks.writing(tmp_path, "img", print, timeout=30, poll=0.01):
+            events.append("writing")
+            assert ImageLocks(tmp_path, print).take("img") is not None  # held while writing
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    thread.join(0.3)
+    assert thread.is_alive() and events == []  # waiting for the holder
+    first.release()
+    thread.join(10)
+    assert events == ["writing"]
+    assert holder(tmp_path, "img") is None
+    assert not lock_path(tmp_path, "img").parent.exists()  # let go, nothing left
+
+
+def test_a_write_gives_up_naming_the_holder(tmp_path):
+    held = ImageLocks(tmp_path, print)
+    assert held.take("img") is None
+    said = rf"img\.lock: held by pid {os.getpid()} on .* for over"
+    with (
+        pytest.raises(TimeoutError, match=said),
+        locks.writing(tmp_path, "img", print, timeout=0.1, poll=0.02),
+    ):
+        raise AssertionError("wrote under another's lock")
+    held.release()

@@ -26,6 +26,7 @@ import pytest
 
 from dlmuse_bids.bids import output_paths
 from dlmuse_bids.cli.common import EXIT_SOME_FAILED
+from dlmuse_bids.locks import holder
 from tests.conftest import needs_shared
 from tests.support.bids import STANDARD_T1W, make_dataset, run_app, tree_digest, write_scan
 from tests.test_io import REFUSED
@@ -331,8 +332,22 @@ def test_sigterm_stops_dlmuse_run_after_the_image_in_hand(tiny_models, tmp_path)
     assert tree_digest(src) == before
 
 
+def _group_status(raw: Path, out: Path) -> dict[str, str]:
+    """``dlmuse-bids group`` now: each image's status in the group volume table."""
+    exe = Path(sys.executable).with_name("dlmuse-bids")
+    cmd = [str(exe), str(raw), str(out), "group", "--skip-bids-validation"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr
+    table = pd.read_csv(out / "group" / "dlmuse_volumes.tsv", sep="\t", keep_default_na=False)
+    return dict(zip(table["source"], table["status"], strict=True))
+
+
 def test_the_same_images_twice_at_once_have_one_writer(tiny_models, tmp_path):
-    """A second launch on images a first run holds leaves them to it, and says so (exit 75)."""
+    """A second launch on images a first run holds leaves them to it, and says so (exit 75).
+
+    The group level, run while the first run is frozen mid-image, lists the images it holds as
+    missing (not failed) and reads only the finished ones; run again later, it has them all.
+    """
     raw = make_dataset(tmp_path / "raw", THREE)
     before = tree_digest(raw)
     out = tmp_path / "out"
@@ -341,14 +356,23 @@ def test_the_same_images_twice_at_once_have_one_writer(tiny_models, tmp_path):
         cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
     try:
+
+        def written() -> set[str]:  # every output there, and let go of by the first run
+            return {
+                rel
+                for rel in _done(raw, out, THREE)
+                if holder(out, output_paths(raw / rel, out)["dseg"].name) is None
+            }
+
         deadline = time.monotonic() + 600
-        while not _done(raw, out, THREE) and first.poll() is None and time.monotonic() < deadline:
+        while not written() and first.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
         os.killpg(first.pid, signal.SIGSTOP)  # frozen mid-run, its locks held
-        done = _done(raw, out, THREE)
+        done = written()
         assert 1 <= len(done) < len(THREE), "the first run finished before it was paused"
         try:
             second = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+            during = _group_status(raw, out)
         finally:
             os.killpg(first.pid, signal.SIGCONT)
         _, first_err = first.communicate(timeout=600)
@@ -365,6 +389,8 @@ def test_the_same_images_twice_at_once_have_one_writer(tiny_models, tmp_path):
     assert first.returncode == 0, first_err
     assert "3 processed, 0 skipped (outputs up to date), 0 failed" in first_err
     assert _done(raw, out, THREE) == {rel for rel, _ in THREE}
+    assert during == {rel: "ok" if rel in done else "missing" for rel, _ in THREE}
+    assert _group_status(raw, out) == {rel: "ok" for rel, _ in THREE}
     assert not [p for p in out.rglob("*.tmp")]
     for path in _final_files(out):
         assert_complete(path)

@@ -23,6 +23,7 @@ import pandas as pd
 import pytest
 
 from dlmuse_bids.bids import output_paths
+from dlmuse_bids.locks import ImageLocks
 from dlmuse_bids.workflows import SINK_NODES
 from tests.conftest import needs_shared
 from tests.support.bids import STANDARD_T1W, make_dataset, tree_digest
@@ -274,7 +275,12 @@ def test_a_cancelled_task_is_completed_by_rerunning_it_alone(
 def test_slurmgraph_submits_the_whole_graph_and_a_rerun_checks_it(
     cluster, dataset, local_out, tiny_models, tmp_path
 ):
-    """One image (its 15 steps are 15 jobs, each a new Python process): a shorter test."""
+    """One image (its 15 steps are 15 jobs, each a new Python process): a shorter test.
+
+    The launcher has gone before the jobs run, so its lock no longer covers the image: each
+    sink job writes under the image's lock. The test holds that lock as another launch would
+    while it plans, and nothing is written until it lets go.
+    """
     raw, digest = dataset
     out = tmp_path / "out"
     before = set(cluster.jobs())
@@ -284,6 +290,24 @@ def test_slurmgraph_submits_the_whole_graph_and_a_rerun_checks_it(
     submitted = subprocess.run(cmd, env=cluster.env, capture_output=True, text=True, cwd=tmp_path)
     assert submitted.returncode == 0, submitted.stderr
     assert "1 image(s) submitted with SLURMGraph" in submitted.stderr
+    dseg = output_paths(raw / THREE[0][0], out)["dseg"]
+    with ImageLocks(out, print) as another_launch:
+        assert another_launch.take(dseg.name) is None
+
+        def sinks_running() -> list[str]:  # on the 2-CPU node, not every sink at once
+            return [
+                job_id
+                for job_id, job in cluster.jobs().items()
+                if job_id not in before
+                and job["name"].split("_", 1)[1].startswith("ds_")
+                and job["state"] == "RUNNING"
+            ]
+
+        _wait_for(sinks_running, "a sink job", 600)
+        waiting = sinks_running()
+        time.sleep(3)
+        assert set(waiting) <= set(sinks_running()), "a sink did not wait for the lock"
+        assert not (out / f"sub-{LABELS[0]}").exists(), "a sink wrote under another's lock"
     _wait_for(lambda: not cluster.run("squeue", "--noheader"), "the submitted graph", 600)
     jobs = {k: v for k, v in cluster.jobs().items() if k not in before}
     # every step of every image is a job, chained by dependencies: all ran, none failed
@@ -302,6 +326,7 @@ def test_slurmgraph_submits_the_whole_graph_and_a_rerun_checks_it(
     checked = subprocess.run(cmd, env=cluster.env, capture_output=True, text=True, cwd=tmp_path)
     assert checked.returncode == 0, checked.stderr
     assert "0 processed, 1 skipped (outputs up to date), 0 failed" in checked.stderr
+    assert not (out / ".dlmuse-locks").exists(), "a sink left its lock behind"
     assert_same_outputs(local_out, out, subjects=LABELS[:1])
     assert tree_digest(raw) == digest
 

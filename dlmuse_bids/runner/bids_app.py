@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from ..bids import BIDSError, Provenance, output_paths, outputs_current
@@ -194,15 +194,29 @@ def run_participant(
         settings.overwrite,
         "an entity the outputs cannot carry tells them apart; filter one of them out",
     )
+
+    def lock_name(source: Path) -> str:
+        return output_paths(source, settings.output_dir)["dseg"].name
+
     with ImageLocks(settings.output_dir, say) as locks:
         plan = core.claim_images(
             plan,
             locks,
-            lambda p: output_paths(p, settings.output_dir)["dseg"].name,
+            lock_name,
             lambda p: outputs_current(p, settings.output_dir, prov),
             settings.overwrite,
         )
-        report = _run_plan(plan, models, prov, settings, say, progress, start, stop)
+        report = _run_plan(
+            plan,
+            models,
+            prov,
+            settings,
+            say,
+            progress,
+            start,
+            stop,
+            written=lambda source: locks.release(lock_name(source)),
+        )
     if not report.submitted:  # after the locks: a report counts an image locked as in flight
         _write_reports(t1w_files, settings, say)
         report = dataclasses.replace(report, seconds=time.monotonic() - start)
@@ -218,8 +232,14 @@ def _run_plan(
     progress,
     start: float,
     stop: core.StopRequest | None,
+    written: Callable[[Path], None],
 ) -> RunReport:
-    """The rest of :func:`run_participant`, once the images to run are this run's to write."""
+    """The rest of :func:`run_participant`, once the images to run are this run's to write.
+
+    ``written`` is told each image whose outputs are all written: its lock goes then, not at
+    the end of the run, so a group level run meanwhile counts it (an image still locked is
+    missing to it).
+    """
     from ..bids import remove_leftovers, write_dataset_files
     from ..execution import run_workflow, workflow_batches, workflow_progress
     from ..workflows import init_participant_wf, workflow_name
@@ -240,7 +260,9 @@ def _run_plan(
     logger.info("%d T1w image(s) to segment, %d already done", len(plan.todo), len(plan.known))
     outcomes = list(plan.known)
     if plan.todo:
-        progress_lines = workflow_progress({workflow_name(t): t for t in plan.todo}, settings)
+        progress_lines = workflow_progress(
+            {workflow_name(t): t for t in plan.todo}, settings, on_done=written
+        )
         crashes: dict = {}
         try:
             for batch in workflow_batches(plan.todo, settings.plugin, settings.nprocs):
@@ -255,6 +277,7 @@ def _run_plan(
                     provenance=prov,
                     template=settings.template,
                     template_note=settings.template_note,
+                    lock_writes=settings.plugin in GRAPH_PLUGINS,  # the jobs outlive our locks
                 )
                 images = {workflow_name(t): t for t in batch}
                 crashes |= run_workflow(wf, images, settings, stop, progress_lines)
