@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .io import leftover_temporaries, nifti_stem, write_bytes_atomic
+from .atomic import leftover_temporaries, write_bytes_atomic
+from .io import nifti_stem
 from .labels import dseg_table
 
 logger = logging.getLogger(__name__)

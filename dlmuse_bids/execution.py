@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+from .atomic import write_bytes_atomic
 from .bids import LOGS_DIR, crash_log_name
-from .io import write_bytes_atomic
 from .settings import GRAPH_PLUGINS, SLURM_PLUGINS, BIDSAppSettings
 
 logger = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ from urllib.parse import quote
 from urllib.request import Request, urlopen
 
 from . import __version__
-from .io import write_bytes_atomic
+from .atomic import write_bytes_atomic
 from .models import (
     CHECKPOINT,
     OFFICIAL_MARKER,

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .atomic import write_bytes_atomic
 from .bids import LOGS_DIR, centile_paths, crash_log_glob, output_paths, source_entities
-from .io import write_bytes_atomic
 from .labels import (
     ICV_ID,
     load_label_table,

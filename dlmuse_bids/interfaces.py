@@ -25,8 +25,9 @@ from nipype.interfaces.base import (
     traits,
 )
 
+from .atomic import write_bytes_atomic
 from .bids import OUTPUTS, Provenance, derivative_path, image_sidecar, write_json_atomic
-from .io import describe_image, load_t1w, make_label_image, save_nifti_atomic, write_bytes_atomic
+from .io import describe_image, load_t1w, make_label_image, save_nifti_atomic
 from .labels import class_to_muse_lut, roi_volume_table
 from .locks import writing
 from .pipeline import lps_zooms, mask_and_crop, paste_labels, to_native, to_reference_orientation

@@ -1,4 +1,4 @@
-"""Load and validate one T1w NIfTI image, and write NIfTI outputs safely.
+"""Load and validate one T1w NIfTI image, and write NIfTI outputs safely (:mod:`.atomic`).
 
 Part of the core: only numpy and nibabel are used here. Every refusal of an input is an
 :class:`InputImageError` whose message is one line, ``"<path>: <reason>"``, so that it can go
@@ -7,15 +7,11 @@ straight into a log, a report or a BIDS App's exit summary.
 
 from __future__ import annotations
 
-import contextlib
-import glob
 import gzip
 import logging
 import math
 import os
 import re
-import secrets
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +21,9 @@ from nibabel.filebasedimages import ImageFileError
 from nibabel.orientations import aff2axcodes
 from nibabel.spatialimages import HeaderDataError
 from numpy.typing import DTypeLike
+
+from .atomic import write_bytes_atomic
+from .gunzip import GZIP_MAGIC, GzipError, gunzip_bounded
 
 LOGGER = logging.getLogger(__name__)
 
@@ -44,16 +43,10 @@ MAX_TRAILING_BYTES = 64 << 20
 
 #: A NIfTI file's extension, in any case (``.NII.GZ`` is seen on scanners' exports).
 NIFTI_EXTENSION = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)
-_GZIP_MAGIC = b"\x1f\x8b"
 _GZIP_LEVEL = 6
 # Decompressed bytes enough to tell a NIfTI header, or a format of _OTHER_FORMATS, or text.
 _GZIP_HEAD = 4096
-# Compressed bytes given to zlib at a time: small, as zlib copies what is left of them at the
-# end of each gzip member (a file of 10^5 empty members must not cost 10^5 large copies).
-_GZIP_FEED = 4096
-_GZIP_CHUNK = 1 << 20  # decompressed bytes at a time of a stream's unkept remainder
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
-_WRITE_CHUNK = 1 << 20
 # Header fields that make up the voxel-to-world geometry (pixdim[0] is the qform's qfac).
 _GEOMETRY_FIELDS = (
     "quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y", "qoffset_z", "qform_code",
@@ -194,7 +187,7 @@ def save_nifti_atomic(img: nib.Nifti1Image, path: str | os.PathLike[str]) -> Non
     payload = img.to_bytes()
     if compress:
         payload = gzip.compress(payload, compresslevel=_GZIP_LEVEL, mtime=0)
-    _write_atomic(final, payload)
+    write_bytes_atomic(final, payload)
     LOGGER.debug("Wrote %s (%d bytes)", final, len(payload))
 
 
@@ -237,7 +230,7 @@ def make_label_image(
 
 def _load_checked(path: Path, volume: int | None) -> nib.Nifti1Image:
     raw = _read_file(path)
-    compressed = raw[:2] == _GZIP_MAGIC
+    compressed = raw[:2] == GZIP_MAGIC
     if compressed:
         raw = _gunzip(raw)
     if compressed != path.name.endswith(".gz") or not path.name.endswith((".nii", ".nii.gz")):
@@ -315,87 +308,12 @@ def _read_file(path: Path) -> bytes:
 
 
 def _gunzip(raw: bytes) -> bytes:
-    """The decompressed file, as far as its header says the image goes.
-
-    Decompressing to the end checks the stream end, CRC and length, which nibabel's lazy reads
-    of just the voxel bytes would not. It is done in steps, so that a small file cannot expand
-    without bound (a gzip bomb, or a header claiming 10^12 voxels): first the header, then the
-    bytes it claims, then the rest of the stream (checked and dropped) up to a limit.
-    """
-    stream = _GzipReader(raw)
-    head = stream.read(_GZIP_HEAD)
-    need = _claimed_bytes(head)
-    if need is None:
-        # No NIfTI header, or no readable size: _load_checked says why, unless the stream is
-        # corrupt, which is the likelier cause.
-        stream.skip(MAX_TRAILING_BYTES)
-        return head
-    if need > MAX_IMAGE_BYTES:
-        raise _Refusal(
-            f"image too large: its header claims {need} bytes, "
-            f"over the {MAX_IMAGE_BYTES >> 30} GiB limit"
-        )
-    content = head + stream.read(need - len(head))
-    if not stream.skip(MAX_TRAILING_BYTES):
-        raise _Refusal(
-            f"gzip stream goes on for over {MAX_TRAILING_BYTES >> 20} MiB "
-            f"past the image its header describes (a gzip bomb or a wrong header)"
-        )
-    return content
-
-
-class _GzipReader:
-    """Incremental decompression of an in-memory gzip file, member after member."""
-
-    def __init__(self, raw: bytes) -> None:
-        self._raw = memoryview(raw)
-        self._fed = 0  # bytes of raw given to zlib so far
-        self._member = zlib.decompressobj(wbits=31)  # gzip framing: zlib checks CRC and length
-        self.done = False
-
-    def read(self, size: int) -> bytes:
-        """Up to ``size`` more decompressed bytes; fewer only at the end of the stream."""
-        parts: list[bytes] = []
-        got = 0
-        while got < size and not self.done:
-            if self._member.eof:
-                self._next_member()
-                continue
-            data = self._member.unconsumed_tail
-            if not data:  # zlib has taken all it was given: the next piece of the file
-                data = self._raw[self._fed : self._fed + _GZIP_FEED]
-                self._fed += len(data)
-            if not data:
-                raise _Refusal("truncated or corrupt gzip stream (ends early)")
-            try:
-                part = self._member.decompress(data, size - got)
-            except zlib.error as exc:
-                raise _Refusal(f"truncated or corrupt gzip stream ({exc})") from exc
-            parts.append(part)
-            got += len(part)
-        return b"".join(parts)
-
-    def skip(self, limit: int) -> bool:
-        """Decompress and drop up to about ``limit`` bytes; whether the stream ended there."""
-        dropped = 0
-        while not self.done and dropped <= limit:
-            dropped += len(self.read(_GZIP_CHUNK))
-        return self.done
-
-    def _next_member(self) -> None:
-        # As gzip.decompress: members may follow one another, and zero bytes may pad the end.
-        self._fed -= len(self._member.unused_data)  # back to the end of this member
-        while self._fed < len(self._raw):
-            window = bytes(self._raw[self._fed : self._fed + _GZIP_FEED])
-            self._fed += len(window) - len(window.lstrip(b"\0"))
-            if window.lstrip(b"\0"):
-                break
-        if self._fed == len(self._raw):
-            self.done = True
-        elif bytes(self._raw[self._fed : self._fed + 2]) != _GZIP_MAGIC:
-            raise _Refusal("truncated or corrupt gzip stream (data after its end)")
-        else:
-            self._member = zlib.decompressobj(wbits=31)
+    """The decompressed file, as far as its header says the image goes (see :mod:`.gunzip`)."""
+    try:
+        # a head without a NIfTI header or size comes back alone: _load_checked says why
+        return gunzip_bounded(raw, _GZIP_HEAD, _claimed_bytes, MAX_IMAGE_BYTES, MAX_TRAILING_BYTES)
+    except GzipError as exc:
+        raise _Refusal(str(exc)) from exc
 
 
 def _claimed_bytes(head: bytes) -> int | None:
@@ -576,66 +494,6 @@ def _check_label_values(labels: np.ndarray, target: np.dtype) -> None:
     low, high = labels.min(), labels.max()
     if low < info.min or high > info.max:
         raise ValueError(f"labels span {low:g}..{high:g}, which does not fit {target}")
-
-
-def write_bytes_atomic(path: str | os.PathLike[str], payload: bytes) -> None:
-    """Write ``payload`` to ``path`` through a hidden temporary file, fsync, and rename.
-
-    ``path`` is only ever absent, its old content, or the whole new content; its directory must
-    exist.
-    """
-    _write_atomic(Path(path), payload)
-
-
-def _temporary_name(final: Path, token: str) -> str:
-    return f".{final.name[:64]}.{token}.tmp"
-
-
-def leftover_temporaries(final: str | os.PathLike[str]) -> list[Path]:
-    """The hidden temporaries of ``final`` that a killed writer left behind.
-
-    Only a writer of ``final`` itself may remove them (a job re-running the image): another
-    process writing ``final`` at the same moment would lose its file.
-    """
-    final = Path(final)
-    if not final.parent.is_dir():
-        return []
-    pattern = glob.escape(_temporary_name(final, "")[:-4]) + "?" * 12 + ".tmp"
-    return sorted(final.parent.glob(pattern))
-
-
-def _write_atomic(final: Path, payload: bytes) -> None:
-    tmp = final.parent / _temporary_name(final, secrets.token_hex(6))
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        try:
-            view = memoryview(payload)
-            while view:
-                view = view[os.write(fd, view[:_WRITE_CHUNK]) :]
-            os.fsync(fd)
-        except OSError as exc:
-            if exc.filename is not None:
-                raise
-            # os.write names no file: name the output, not its hidden temporary
-            raise OSError(exc.errno, exc.strerror, str(final)) from exc
-        finally:
-            os.close(fd)
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_directory(final.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename durable; best effort, as not every platform can open a directory."""
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _printable(text: str) -> str:

@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .io import nifti_stem, write_bytes_atomic
+from .atomic import write_bytes_atomic
+from .io import nifti_stem
 
 logger = logging.getLogger(__name__)
 

@@ -277,7 +277,7 @@ def test_a_killed_writers_temporaries_are_removed_for_its_image_only(tmp_path):
     # a writer killed between writing its temporary and renaming it
     script = (
         "import os, signal, sys\n"
-        "from dlmuse_bids.io import write_bytes_atomic\n"
+        "from dlmuse_bids.atomic import write_bytes_atomic\n"
         "os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
         "write_bytes_atomic(sys.argv[1], b'half')\n"
     )

@@ -471,7 +471,7 @@ def test_full_disk_fails_clearly_and_leaves_no_partial_file(
     if small_disk is not None:
         out = small_disk / "dlmuse"
     else:  # no mount allowed: a 256 KiB budget on the app's own writes
-        import dlmuse_bids.io as dlio
+        import dlmuse_bids.atomic as dlio
 
         out = tmp_path / "out"
         real = dlio._write_atomic

@@ -9,7 +9,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from ..io import write_bytes_atomic
+from ..atomic import write_bytes_atomic
 from ..labels import dseg_table
 
 #: Slices per plane in a mosaic, spread over the ICV mask's extent.

@@ -14,6 +14,7 @@ from typing import Any
 import nibabel as nib
 import pandas as pd
 
+from ..atomic import write_bytes_atomic
 from ..bids import (
     LOGS_DIR,
     centile_paths,
@@ -23,7 +24,6 @@ from ..bids import (
     report_path,
 )
 from ..group import image_status
-from ..io import write_bytes_atomic
 from ..labels import ICV_ID
 from ..qc import explain
 from .figures import mosaic

@@ -14,8 +14,8 @@ from typing import Any
 
 import pandas as pd
 
+from ..atomic import write_bytes_atomic
 from ..demographics import Subject
-from ..io import write_bytes_atomic
 from ..norms import AGE_FLAG, CENTILES, NormsError, NormTables, find_norms, load_norms
 from ..settings import NormsSources
 from .core import Say
