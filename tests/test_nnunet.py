@@ -454,3 +454,54 @@ def test_a_failing_pass_is_raised_and_stops_the_rest():
             threads_per_pass=1,
         )  # fmt: skip
     assert len(calls) <= 3 + 3  # the passes already submitted, never the other 509
+
+
+class _Under(torch.nn.Module):
+    """``net`` run under bf16 autocast in the channels-last layout, its output widened to fp32:
+    what the fast mode's network pass gives, for nnunetv2's sliding window to accumulate."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.net(x.contiguous(memory_format=torch.channels_last_3d)).float()
+
+
+@needs_shared
+@pytest.mark.parametrize("mirror", [None, (0, 1, 2)], ids=["plain", "mirrored"])
+@pytest.mark.parametrize("fast", [False, True], ids=["fp32", "bf16-channels-last"])
+def test_sliding_window_is_nnunets_bit_for_bit(mirror, fast):
+    """Our sliding window (152 classes: the head in several pieces, accumulated straight into
+    the logits without mirroring) gives nnunetv2's logits bit for bit, blends included."""
+    from types import SimpleNamespace
+
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from dlmuse_bids.nnunet.sliding_window import sliding_window_logits, torch_threads
+
+    plans, dataset = _load(DLMUSE_PLANS_SOURCE)
+    config = parse_plans(plans, dataset)
+    torch.manual_seed(0)
+    net = build_network(config.architecture, 1, config.num_classes)
+    if fast:
+        net.to(memory_format=torch.channels_last_3d)
+    data = torch.randn(1, 48, 40, 24)  # 2 x 2 tiles of 32^3 after padding z
+    tile = (32, 32, 32)
+    ref = nnUNetPredictor(
+        use_mirroring=mirror is not None, perform_everything_on_device=False,
+        device=torch.device("cpu"), allow_tqdm=False,
+    )  # fmt: skip
+    ref.network = _Under(net) if fast else net
+    ref.allowed_mirroring_axes = mirror
+    ref.configuration_manager = SimpleNamespace(patch_size=list(tile))
+    ref.label_manager = SimpleNamespace(num_segmentation_heads=config.num_classes)
+    with torch_threads(2):
+        expected = ref.predict_sliding_window_return_logits(data)
+        ours = sliding_window_logits(
+            net, data, config.num_classes, tile, mirror_axes=mirror,
+            autocast_dtype=torch.bfloat16 if fast else None, channels_last=fast,
+        )  # fmt: skip
+    assert ours.dtype == expected.dtype == torch.float16
+    assert torch.equal(ours, expected)

@@ -116,22 +116,28 @@ def predict_tile(
     oneDNN's blocked copy of it, is ever held. Every element is computed as by the whole head.
     """
     passes = [(), *(mirror_combinations(mirror_axes) if mirror_axes else [])]
-    if not (hasattr(network, "features") and hasattr(network, "head")):
+    if not _has_head(network):
         return _predict_tile_whole(network, x, passes)
     prediction = None
     for dims in passes:
         features = network.features(torch.flip(x, dims) if dims else x)
-        for part, out in _head_chunks(network.head, features):
+        for part in _class_parts(network.head.out_channels):
+            out = _head_part(network.head, features, part)
             if prediction is None:
                 prediction = _prediction_buffer(out, network.head.out_channels)
             if dims:
                 _add_flipped(prediction[:, part], out, dims)
             else:
                 prediction[:, part] = out
+            del out
         del features
     if len(passes) > 1:
         prediction /= len(passes)
     return prediction
+
+
+def _has_head(network: torch.nn.Module) -> bool:
+    return hasattr(network, "features") and hasattr(network, "head")
 
 
 def _predict_tile_whole(
@@ -147,19 +153,20 @@ def _predict_tile_whole(
     return prediction
 
 
-def _head_chunks(
-    head: torch.nn.Conv3d, features: torch.Tensor
-) -> Iterator[tuple[slice, torch.Tensor]]:
-    """The 1x1 head's output, ``_HEAD_CHUNK`` classes at a time, with their channel slices.
+def _class_parts(n: int) -> Iterator[slice]:
+    """The head's classes, ``_HEAD_CHUNK`` at a time."""
+    for start in range(0, n, _HEAD_CHUNK):
+        yield slice(start, min(start + _HEAD_CHUNK, n))
+
+
+def _head_part(head: torch.nn.Conv3d, features: torch.Tensor, part: slice) -> torch.Tensor:
+    """The 1x1 head's output for the classes ``part``.
 
     oneDNN computes each output channel the same way whatever the number of channels, so the
     pieces are bit-identical to the whole head's output (tested).
     """
-    n = head.out_channels
-    for start in range(0, n, _HEAD_CHUNK):
-        part = slice(start, min(start + _HEAD_CHUNK, n))
-        bias = None if head.bias is None else head.bias[part]
-        yield part, torch.nn.functional.conv3d(features, head.weight[part], bias)
+    bias = None if head.bias is None else head.bias[part]
+    return torch.nn.functional.conv3d(features, head.weight[part], bias)
 
 
 def _prediction_buffer(first: torch.Tensor, channels: int) -> torch.Tensor:
@@ -193,10 +200,14 @@ def _accumulate(view: torch.Tensor, prediction: torch.Tensor, gaussian: torch.Te
     The same arithmetic as nnU-Net's ``prediction *= gaussian; logits[sl] += prediction`` (fp32
     products, one rounding to fp16 per add), without mixed-dtype kernels; chunking keeps the
     fp32 copy of the accumulator to 16 channels (a whole copy is 0.8 GB for DLMUSE's tile).
+    ``prediction`` is overwritten, unless it is bf16: that is widened to fp32 first (exactly),
+    16 channels at a time, so that the products are not rounded to bf16.
     """
     for start in range(0, prediction.shape[0], _CHANNEL_CHUNK):
         part = slice(start, start + _CHANNEL_CHUNK)
         chunk = prediction[part]
+        if chunk.dtype == torch.bfloat16:
+            chunk = chunk.float()
         chunk *= gaussian
         view[part].copy_(view[part].float().add_(chunk))
 
@@ -209,18 +220,48 @@ def _autocast(
     return torch.autocast(device.type, dtype=dtype)
 
 
+Pieces = Iterator[tuple[slice, torch.Tensor]]
+
+
 def _tile_predictions(
     network: torch.nn.Module,
     tiles: Iterator[tuple[tuple[slice, ...], torch.Tensor]],
     mirror_axes: Sequence[int] | None,
     autocast_dtype: torch.dtype | None,
-) -> Iterator[tuple[tuple[slice, ...], torch.Tensor]]:
-    """Each tile's (C, ...) prediction, one tile at a time with all of torch's threads."""
+) -> Iterator[tuple[tuple[slice, ...], Pieces]]:
+    """Each tile's (C, ...) prediction in pieces of classes, one tile at a time with all of
+    torch's threads.
+
+    Without mirroring, a network with a head (:class:`~dlmuse_bids.nnunet.network.UNet`) gives
+    its head's output a few classes at a time, each piece to be accumulated before the next is
+    computed: the tile's whole output (0.8 GB for DLMUSE) is never held. With mirroring, the
+    pieces are summed over the mirrorings first (:func:`predict_tile`), in one piece.
+    Each piece must be let go before the next is asked for.
+    """
+    direct = not mirror_axes and _has_head(network)
     for sl, tile in tiles:
         with _autocast(tile.device, autocast_dtype):
-            prediction = predict_tile(network, tile, mirror_axes)[0]
+            if direct:
+                features = network.features(tile)
+            else:
+                prediction = predict_tile(network, tile, mirror_axes)[0]
         del tile
-        yield sl, prediction
+        if direct:
+            yield sl, _head_pieces(network.head, features, autocast_dtype)
+            del features
+        else:
+            yield sl, iter([(slice(None), prediction)])
+            del prediction  # not alive during the next tile's passes
+
+
+def _head_pieces(
+    head: torch.nn.Conv3d, features: torch.Tensor, autocast_dtype: torch.dtype | None
+) -> Pieces:
+    for part in _class_parts(head.out_channels):
+        with _autocast(features.device, autocast_dtype):
+            out = _head_part(head, features, part)[0]
+        yield part, out
+        del out
 
 
 def _network_pass(
@@ -248,8 +289,9 @@ def _tile_predictions_parallel(
     mirror_axes: Sequence[int] | None,
     autocast_dtype: torch.dtype | None,
     threads_per_pass: int,
-) -> Iterator[tuple[tuple[slice, ...], torch.Tensor]]:
-    """As :func:`_tile_predictions`, the passes of all tiles run several at a time.
+) -> Iterator[tuple[tuple[slice, ...], Pieces]]:
+    """As :func:`_tile_predictions` (each tile in one piece); the passes of all tiles run
+    several at a time.
 
     Each pass runs on ``threads_per_pass`` threads; the passes of a tile are summed in
     :func:`predict_tile`'s order (unmirrored first, then :func:`mirror_combinations`) and
@@ -286,8 +328,9 @@ def _tile_predictions_parallel(
                 if summed == len(passes):
                     if len(passes) > 1:
                         prediction /= len(passes)
-                    yield sl, prediction
-                    prediction, summed = None, 0
+                    yield sl, iter([(slice(None), prediction)])
+                    prediction = out = None
+                    summed = 0
         finally:
             for _, future in pending:
                 future.cancel()
@@ -380,12 +423,13 @@ def sliding_window_logits(
         predictions = _tile_predictions_parallel(
             network, tiles, mirror_axes, autocast_dtype, threads_per_pass
         )
-    for sl, prediction in predictions:
-        prediction = prediction.to(results_device)
-        _accumulate(logits[(slice(None), *sl)], prediction, gaussian_f32)
+    for sl, pieces in predictions:
+        for part, piece in pieces:
+            _accumulate(logits[(part, *sl)], piece.to(results_device), gaussian_f32)
+            del piece  # not alive while the next piece, or the next tile, is computed
         weights[sl] += gaussian
-        del prediction  # not alive during the next tile's forward pass (0.8 GB for DLMUSE)
     torch.div(logits, weights, out=logits)
-    if torch.isinf(logits).any():
+    # a class at a time: a whole test would hold an |x| copy and a mask (1.4 GB for DLMUSE)
+    if any(torch.isinf(channel).any() for channel in logits):
         raise FloatingPointError("infinite logits in the sliding-window average")
     return logits[undo]
