@@ -220,7 +220,7 @@ def _autocast(
     return torch.autocast(device.type, dtype=dtype)
 
 
-Pieces = Iterator[tuple[slice, torch.Tensor]]
+_Pieces = Iterator[tuple[slice, torch.Tensor]]
 
 
 def _tile_predictions(
@@ -228,7 +228,7 @@ def _tile_predictions(
     tiles: Iterator[tuple[tuple[slice, ...], torch.Tensor]],
     mirror_axes: Sequence[int] | None,
     autocast_dtype: torch.dtype | None,
-) -> Iterator[tuple[tuple[slice, ...], Pieces]]:
+) -> Iterator[tuple[tuple[slice, ...], _Pieces]]:
     """Each tile's (C, ...) prediction in pieces of classes, one tile at a time with all of
     torch's threads.
 
@@ -240,23 +240,23 @@ def _tile_predictions(
     """
     direct = not mirror_axes and _has_head(network)
     for sl, tile in tiles:
-        with _autocast(tile.device, autocast_dtype):
-            if direct:
-                features = network.features(tile)
-            else:
-                prediction = predict_tile(network, tile, mirror_axes)[0]
-        del tile
         if direct:
+            with _autocast(tile.device, autocast_dtype):
+                features = network.features(tile)
+            del tile
             yield sl, _head_pieces(network.head, features, autocast_dtype)
             del features
         else:
+            with _autocast(tile.device, autocast_dtype):
+                prediction = predict_tile(network, tile, mirror_axes)[0]
+            del tile
             yield sl, iter([(slice(None), prediction)])
             del prediction  # not alive during the next tile's passes
 
 
 def _head_pieces(
     head: torch.nn.Conv3d, features: torch.Tensor, autocast_dtype: torch.dtype | None
-) -> Pieces:
+) -> _Pieces:
     for part in _class_parts(head.out_channels):
         with _autocast(features.device, autocast_dtype):
             out = _head_part(head, features, part)[0]
@@ -289,7 +289,7 @@ def _tile_predictions_parallel(
     mirror_axes: Sequence[int] | None,
     autocast_dtype: torch.dtype | None,
     threads_per_pass: int,
-) -> Iterator[tuple[tuple[slice, ...], Pieces]]:
+) -> Iterator[tuple[tuple[slice, ...], _Pieces]]:
     """As :func:`_tile_predictions` (each tile in one piece); the passes of all tiles run
     several at a time.
 
