@@ -63,6 +63,7 @@ class Engine:
     ) -> subprocess.CompletedProcess:
         proc = subprocess.run(
             [self.exe, *map(str, args)],
+            cwd=REPO,
             env=self.env,
             capture_output=True,
             text=True,
@@ -120,6 +121,7 @@ def start_dockerd(root: Path) -> Engine:
             "--ip-masq=false",
             "--bridge=none",
         ],
+        cwd=REPO,  # not the cwd of whatever test runs meanwhile: it may be deleted
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -150,6 +152,7 @@ def ensure_base_image(engine: Engine, work: Path, name: str = BASE_IMAGE) -> Non
     rootfs = work / "rootfs"
     proc = subprocess.run(
         [debootstrap, "--variant=minbase", BASE_SUITE, str(rootfs)],
+        cwd=REPO,
         capture_output=True,
         text=True,
         timeout=900,
@@ -160,7 +163,7 @@ def ensure_base_image(engine: Engine, work: Path, name: str = BASE_IMAGE) -> Non
         for item in (rootfs / cache).glob("*"):
             if item.is_file():
                 item.unlink()
-    tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
+    tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], cwd=REPO, stdout=subprocess.PIPE)
     engine("import", "-", name, stdin=tar.stdout)
     tar.wait()
     shutil.rmtree(rootfs)
@@ -170,7 +173,11 @@ def host_ca_bundle() -> Path | None:
     """The CA bundle this machine's pip trusts (its ``cert`` setting or the usual variables)."""
     candidates = [os.environ.get(v) for v in ("PIP_CERT", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE")]
     pip = subprocess.run(
-        ["python3", "-m", "pip", "config", "list"], capture_output=True, text=True, timeout=60
+        ["python3", "-m", "pip", "config", "list"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     for line in pip.stdout.splitlines():
         key, _, value = line.partition("=")
@@ -201,7 +208,9 @@ def build_image(engine: Engine, tag: str, template_dir: Path | None, log: Path) 
     env = {**os.environ, **engine.env}
     start = time.monotonic()
     with open(log, "w") as out:
-        proc = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=1800)
+        proc = subprocess.run(
+            cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=1800
+        )
     text = log.read_text()
     if proc.returncode != 0:
         raise RuntimeError(f"tools/build-image failed (exit {proc.returncode}):\n{text[-4000:]}")
