@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from dlmuse_bids.nnunet import network
 from dlmuse_bids.nnunet.network import build_network
 from dlmuse_bids.nnunet.plans import PlansError, ResamplingSpec, parse_plans
 from dlmuse_bids.nnunet.preprocessing import (
@@ -26,6 +27,7 @@ from dlmuse_bids.nnunet.sliding_window import (
     gaussian_importance,
     mirror_combinations,
     pad_to_tile,
+    torch_threads,
 )
 from tests.support.paths import DLICV_PLANS_SOURCE, DLMUSE_PLANS_SOURCE, OFFICIAL_MODELS_DIR
 
@@ -176,6 +178,80 @@ def test_residual_encoder_unet_matches_reference():
         assert torch.allclose(ours(x), ref(x), atol=1e-6)
 
 
+#: network.SLAB_BYTES budgets: every convolution whole, a plane at a time, uneven slabs
+_SLABS = {"whole": 2**62, "plane-at-a-time": 1, "uneven": 5 * 32 * 32 * 16 * 8}
+
+
+def _slabs_of_any_size(monkeypatch, budget: int) -> None:
+    """Slabs of ``budget`` bytes, however small (no floor for oneDNN's kernels)."""
+    monkeypatch.setattr(network, "SLAB_BYTES", budget)
+    monkeypatch.setattr(network, "_ONEDNN_MIN_CDH", 1)
+
+
+@needs_shared
+@pytest.mark.parametrize("layout", ["contiguous", "channels-last"])
+def test_convolutions_in_slabs_compute_the_whole_network(layout, monkeypatch):
+    """The slabs' bounds, face padding and fused upsampling are the whole network's maths.
+
+    In float64 (one convolution algorithm whatever the shape) so that only indexing errors
+    could show; the bits of the real kernels are the next test's.
+    """
+    plans, dataset = _load(DLMUSE_PLANS_SOURCE)
+    config = parse_plans(plans, dataset)
+    torch.manual_seed(0)
+    net = build_network(config.architecture, 1, config.num_classes).double()
+    fmt = torch.channels_last_3d if layout == "channels-last" else torch.contiguous_format
+    net.to(memory_format=fmt)
+    x = torch.randn(1, 1, 48, 32, 16, dtype=torch.float64).contiguous(memory_format=fmt)
+    outputs = {}
+    with torch.inference_mode():
+        for name, budget in _SLABS.items():
+            _slabs_of_any_size(monkeypatch, budget)
+            outputs[name] = net.features(x)
+    whole = outputs.pop("whole")
+    for name, out in outputs.items():
+        assert network.memory_format_of(out) == network.memory_format_of(whole), name
+        torch.testing.assert_close(out, whole, rtol=0, atol=1e-12, msg=name)
+
+
+@needs_shared
+@pytest.mark.parametrize(
+    ("source", "fast"),
+    [(DLMUSE_PLANS_SOURCE, False), (DLMUSE_PLANS_SOURCE, True), (DLICV_PLANS_SOURCE, True)],
+    ids=["DLMUSE-fp32", "DLMUSE-bf16-channels-last", "DLICV-bf16-channels-last"],
+)
+def test_convolutions_in_slabs_are_bit_identical_on_a_full_tile(source, fast, monkeypatch):
+    """On a full-width tile (its real sizes: oneDNN picks its kernels by shape, and torch uses
+    oneDNN only above a size), slabs give the whole network's bits, in the default budget and
+    in a smaller one; the segmentation head's slabs too. As each mode runs each network."""
+    from dlmuse_bids.nnunet.sliding_window import _head_slabs
+
+    plans, dataset = _load(source)  # the official, full-width plans
+    config = parse_plans(plans, dataset)
+    torch.manual_seed(0)
+    net = build_network(config.architecture, 1, config.num_classes)
+    fmt = torch.channels_last_3d if fast else torch.contiguous_format
+    net.to(memory_format=fmt)
+    x = torch.randn(1, 1, *config.patch_size).contiguous(memory_format=fmt)
+    outputs, heads = {}, {}
+    budgets = {"whole": 2**62, "default": network.SLAB_BYTES, "4 MiB": 2**22}
+    with torch_threads(2), torch.inference_mode():
+        for name, budget in budgets.items():
+            monkeypatch.setattr(network, "SLAB_BYTES", budget)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=fast):
+                outputs[name] = features = net.features(x)
+                heads[name] = [(p, out[:, :8]) for p, out in _head_slabs(net.head, features)]
+    whole = outputs.pop("whole")
+    for name, out in outputs.items():
+        assert out.is_contiguous(memory_format=fmt), name
+        assert torch.equal(out, whole), name
+    (_, head), *_ = heads.pop("whole")
+    for name, slabs in heads.items():
+        assert len(slabs) > 1, name
+        for planes, out in slabs:
+            assert torch.equal(out, head[:, :, planes]), (name, planes)
+
+
 @pytest.mark.parametrize(
     "size,tile,step",
     [
@@ -317,12 +393,13 @@ def test_streaming_argmax_ties_take_the_first():
 @pytest.mark.parametrize("mirror", [None, (0, 1, 2)], ids=["plain", "mirrored"])
 @pytest.mark.parametrize("fast", [False, True], ids=["fp32", "bf16-channels-last"])
 def test_head_in_pieces_is_the_whole_head(mirror, fast):
-    """predict_tile's class-chunked head gives the whole network's output, bit for bit."""
+    """predict_tile's head (one slab at this size) gives the whole network's output, bit for
+    bit."""
     from dlmuse_bids.nnunet.sliding_window import predict_tile
     from tests.support.reference import mirror_average
 
     plans, dataset = _load(DLMUSE_PLANS_SOURCE)
-    config = parse_plans(plans, dataset)  # 152 classes: several pieces, the last one partial
+    config = parse_plans(plans, dataset)
     torch.manual_seed(0)
     net = build_network(config.architecture, 1, config.num_classes)
     x = torch.randn(1, 1, 32, 32, 32)
@@ -335,6 +412,26 @@ def test_head_in_pieces_is_the_whole_head(mirror, fast):
     assert pieces.dtype == whole.dtype == torch.float32
     assert pieces.is_contiguous(memory_format=layout)
     assert torch.equal(pieces, whole)
+
+
+@pytest.mark.parametrize("mirror", [None, (0, 1, 2)], ids=["plain", "mirrored"])
+@pytest.mark.parametrize("budget", list(_SLABS.values())[1:], ids=list(_SLABS)[1:])
+def test_head_in_slabs_lands_every_plane_where_it_belongs(mirror, budget, monkeypatch):
+    """predict_tile's head a slab at a time (flipped back planes included) is the whole
+    network's mirrored average (float64: only misplaced planes could differ)."""
+    from dlmuse_bids.nnunet.sliding_window import predict_tile
+    from tests.support.reference import mirror_average
+
+    plans, dataset = _load(DLMUSE_PLANS_SOURCE)
+    config = parse_plans(plans, dataset)
+    torch.manual_seed(0)
+    net = build_network(config.architecture, 1, config.num_classes).double()
+    x = torch.randn(1, 1, 48, 32, 16, dtype=torch.float64)
+    with torch.inference_mode():
+        whole = mirror_average(net, x, mirror or ())
+        _slabs_of_any_size(monkeypatch, budget)
+        pieces = predict_tile(net, x, mirror)
+    torch.testing.assert_close(pieces.float(), whole, rtol=0, atol=1e-6)
 
 
 @needs_shared

@@ -8,10 +8,103 @@ leaky ReLU, no dropout, no deep supervision.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import torch
 from torch import nn
 
 from .plans import ArchitectureSpec
+
+#: The most bytes of input (or output) channels a stride-1 convolution is given at once. A
+#: bigger tensor is convolved a slab of planes (along the first spatial axis) at a time, which
+#: bounds oneDNN's blocked copies of the input and output to a slab: whole, they were the largest
+#: transients of a DLMUSE tile (0.5 GB in its last decoder stage, 0.7 GB in its head).
+SLAB_BYTES = 16 * 2**20
+#: torch gives a float32 CPU convolution to oneDNN only when its input's C * D * H exceeds 20480
+#: (ATen's ``ConvParams::use_mkldnn``); its other kernel sums in another order, so a slab's input
+#: is kept well above that wherever the whole convolution's is.
+_ONEDNN_MIN_CDH = 4 * 20480
+
+#: ``planes(lo, hi)``: a convolution's input planes ``lo`` to ``hi - 1`` (first spatial axis).
+PlaneSource = Callable[[int, int], torch.Tensor]
+
+
+def memory_format_of(t: torch.Tensor) -> torch.memory_format:
+    """``channels_last_3d`` for a 5-D tensor laid out so (and not also contiguous)."""
+    cl = t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d)
+    return torch.channels_last_3d if cl and not t.is_contiguous() else torch.contiguous_format
+
+
+def onednn_min_planes(channels: int, rows: int) -> int:
+    """The fewest planes of a (channels, planes, rows, ...) input that torch gives oneDNN."""
+    return -(-_ONEDNN_MIN_CDH // (channels * rows))
+
+
+def conv_slabs(
+    conv: nn.Conv3d, planes: PlaneSource, like: torch.Tensor, min_planes: int = 1
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """``conv(planes(0, depth))`` a slab of output planes at a time: ``(planes, output)`` pairs.
+
+    ``like`` has the input's spatial shape and dtype; slabs have at least ``min_planes``
+    planes (what ``planes`` needs to compute its own in one piece). Each slab's input is the
+    planes its outputs read, zero-padded at the volume's faces as the convolution pads there, so
+    every output element is the same sum of the same products as in the whole convolution
+    (tested bit for bit against it on full tiles). Inputs within :data:`SLAB_BYTES`, and
+    convolutions that are strided, dilated or not centred, come whole, in one slab. Each slab
+    must be let go before the next is asked for.
+    """
+    depth, rows, cols = like.shape[2:]
+    per_slab = max(
+        SLAB_BYTES
+        // (max(conv.in_channels, conv.out_channels) * rows * cols * like.element_size()),
+        onednn_min_planes(conv.in_channels, rows),
+        min_planes,
+    )
+    n = -(-depth // per_slab)
+    pad = conv.padding[0]
+    centred = conv.kernel_size[0] == 2 * pad + 1 and conv.dilation[0] == 1
+    if n == 1 or not centred or any(s != 1 for s in conv.stride):
+        yield slice(None), conv(planes(0, depth))
+        return
+    bounds = [round(depth * i / n) for i in range(n + 1)]
+    for lo, hi in zip(bounds, bounds[1:], strict=False):
+        first, last = max(lo - pad, 0), min(hi + pad, depth)
+        src = planes(first, last)
+        slab = torch.empty(
+            (*src.shape[:2], hi - lo + 2 * pad, *src.shape[3:]),
+            dtype=src.dtype,
+            device=src.device,
+            memory_format=memory_format_of(src),
+        )
+        at = first - (lo - pad)
+        slab[:, :, :at] = 0
+        slab[:, :, at + last - first :] = 0
+        slab[:, :, at : at + last - first] = src
+        del src
+        out = nn.functional.conv3d(
+            slab, conv.weight, conv.bias, 1, (0, *conv.padding[1:]), conv.dilation, conv.groups
+        )
+        del slab
+        yield slice(lo, hi), out
+        del out
+
+
+def conv_in_slabs(
+    conv: nn.Conv3d, planes: PlaneSource, like: torch.Tensor, min_planes: int = 1
+) -> torch.Tensor:
+    """:func:`conv_slabs` put together: ``conv(planes(0, depth))``."""
+    out = None
+    for where, y in conv_slabs(conv, planes, like, min_planes):
+        if where == slice(None):
+            return y
+        if out is None:
+            shape = (y.shape[0], y.shape[1], like.shape[2], *y.shape[3:])
+            out = torch.empty(
+                shape, dtype=y.dtype, device=y.device, memory_format=memory_format_of(y)
+            )
+        out[:, :, where] = y
+        del y
+    return out
 
 
 class InstanceNorm3d(nn.InstanceNorm3d):
@@ -53,10 +146,17 @@ class ConvNormAct(nn.Module):
         if act:
             self.nonlin = nn.LeakyReLU(spec.nonlin_negative_slope, inplace=True)
             ops.append(self.nonlin)
-        self.all_modules = nn.Sequential(*ops)
+        self.all_modules = nn.Sequential(*ops)  # nnU-Net's module tree, for the state dict
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.all_modules(x)
+        return self.from_planes(lambda lo, hi: x[:, :, lo:hi], x)
+
+    def from_planes(
+        self, planes: PlaneSource, like: torch.Tensor, min_planes: int = 1
+    ) -> torch.Tensor:
+        """The block on the input ``planes`` gives (:func:`conv_in_slabs`)."""
+        x = self.norm(conv_in_slabs(self.conv, planes, like, min_planes))
+        return self.nonlin(x) if hasattr(self, "nonlin") else x
 
 
 class StackedConvBlocks(nn.Module):
@@ -232,15 +332,44 @@ class Decoder(nn.Module):
     def features(self, skips: list[torch.Tensor]) -> torch.Tensor:
         """The last stage's features (the input of the segmentation head).
 
-        The list is consumed: each skip is freed as soon as it has been concatenated.
+        The list is consumed: each skip is freed as soon as it has been used. Each stage's
+        first convolution reads ``cat(up(x), skip)`` a slab at a time (:func:`conv_in_slabs`),
+        so the whole upsampled and concatenated input is never held.
         """
         x = skips.pop()
         for up, stage in zip(self.transpconvs, self.stages, strict=True):
-            x = stage(torch.cat((up(x), skips.pop()), 1))
+            skip = skips.pop()
+            first, *rest = stage.convs
+            # a slab's upsampling is itself one oneDNN convolution (torch's other kernel sums
+            # in another order)
+            min_planes = up.stride[0] * onednn_min_planes(up.in_channels, x.shape[3])
+            x = first.from_planes(_upsampled_with_skip(up, x, skip), skip, min_planes)
+            del skip
+            for block in rest:
+                x = block(x)
         return x
 
     def forward(self, skips: list[torch.Tensor]) -> torch.Tensor:
         return self.seg_layers[-1](self.features(skips))
+
+
+def _upsampled_with_skip(
+    up: nn.ConvTranspose3d, below: torch.Tensor, skip: torch.Tensor
+) -> PlaneSource:
+    """Planes of ``cat(up(below), skip)``, each computed from the planes of ``below`` under it.
+
+    nnU-Net's transposed convolutions have kernel = stride, so an output plane depends on one
+    input plane only.
+    """
+    step = up.stride[0]
+
+    def planes(lo: int, hi: int) -> torch.Tensor:
+        first = lo // step
+        upsampled = up(below[:, :, first : -(-hi // step)])
+        at = lo - first * step
+        return torch.cat((upsampled[:, :, at : at + hi - lo], skip[:, :, lo:hi]), 1)
+
+    return planes
 
 
 class UNet(nn.Module):

@@ -19,11 +19,10 @@ import numpy as np
 import torch
 from scipy.ndimage import gaussian_filter
 
+from .network import conv_slabs, memory_format_of
+
 #: Channels per step when flipping or accumulating a tile's output (bounds temporary copies).
 _CHANNEL_CHUNK = 16
-#: Classes per call of the segmentation head: bounds oneDNN's blocked copy of its output, for
-#: about 0.2 s per DLMUSE tile pass of re-reading the features (3 calls instead of 1).
-_HEAD_CHUNK = 64
 
 
 def compute_steps(
@@ -111,24 +110,29 @@ def predict_tile(
 
     bf16 outputs are accumulated in fp32 (8 mantissa bits would lose the average); fp32 and
     fp16 are accumulated as nnU-Net does, in their own dtype. A network with ``features`` and
-    ``head`` (:class:`~dlmuse_bids.nnunet.network.UNet`) has its 1x1 head applied a few classes
-    at a time, straight into the average: no whole second copy of a 152-class output, nor
-    oneDNN's blocked copy of it, is ever held. Every element is computed as by the whole head.
+    ``head`` (:class:`~dlmuse_bids.nnunet.network.UNet`) has its 1x1 head applied a slab of
+    planes at a time (:func:`_head_slabs`), straight into the average: no whole second copy of
+    a 152-class output, nor oneDNN's blocked copy of it, is ever held. Every element is computed
+    as by the whole head.
     """
     passes = [(), *(mirror_combinations(mirror_axes) if mirror_axes else [])]
     if not _has_head(network):
         return _predict_tile_whole(network, x, passes)
     prediction = None
+    depth = x.shape[2]
     for dims in passes:
         features = network.features(torch.flip(x, dims) if dims else x)
-        for part in _class_parts(network.head.out_channels):
-            out = _head_part(network.head, features, part)
+        for planes, out in _head_slabs(network.head, features):
             if prediction is None:
-                prediction = _prediction_buffer(out, network.head.out_channels)
+                shape = (out.shape[0], out.shape[1], *features.shape[2:])
+                prediction = _prediction_buffer(out, shape)
+            if 2 in dims:  # the flipped input's planes lo..hi are the output's depth-hi..depth-lo
+                r = range(depth)[planes]
+                planes = slice(depth - r.stop, depth - r.start)
             if dims:
-                _add_flipped(prediction[:, part], out, dims)
+                _add_flipped(prediction[:, :, planes], out, dims)
             else:
-                prediction[:, part] = out
+                prediction[:, :, planes] = out
             del out
         del features
     if len(passes) > 1:
@@ -153,34 +157,19 @@ def _predict_tile_whole(
     return prediction
 
 
-def _class_parts(n: int) -> Iterator[slice]:
-    """The head's classes, ``_HEAD_CHUNK`` at a time."""
-    for start in range(0, n, _HEAD_CHUNK):
-        yield slice(start, min(start + _HEAD_CHUNK, n))
+def _head_slabs(
+    head: torch.nn.Conv3d, features: torch.Tensor
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """The 1x1 head's output, a slab of planes at a time (:func:`~.network.conv_slabs`)."""
+    return conv_slabs(head, lambda lo, hi: features[:, :, lo:hi], features)
 
 
-def _head_part(head: torch.nn.Conv3d, features: torch.Tensor, part: slice) -> torch.Tensor:
-    """The 1x1 head's output for the classes ``part``.
-
-    oneDNN computes each output channel the same way whatever the number of channels, so the
-    pieces are bit-identical to the whole head's output (tested).
-    """
-    bias = None if head.bias is None else head.bias[part]
-    return torch.nn.functional.conv3d(features, head.weight[part], bias)
-
-
-def _prediction_buffer(first: torch.Tensor, channels: int) -> torch.Tensor:
-    """An empty (B, channels, ...) tensor for a tile's output, laid out like ``first``."""
+def _prediction_buffer(first: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """An empty tensor of ``shape`` for a tile's output, laid out like ``first``."""
     dtype = torch.float32 if first.dtype == torch.bfloat16 else first.dtype
-    layout = (
-        torch.channels_last_3d
-        if first.dim() == 5
-        and first.is_contiguous(memory_format=torch.channels_last_3d)
-        and not first.is_contiguous()
-        else torch.contiguous_format
+    return torch.empty(
+        shape, dtype=dtype, device=first.device, memory_format=memory_format_of(first)
     )
-    shape = (first.shape[0], channels, *first.shape[2:])
-    return torch.empty(shape, dtype=dtype, device=first.device, memory_format=layout)
 
 
 def _add_flipped(total: torch.Tensor, out: torch.Tensor, dims: tuple[int, ...]) -> None:
@@ -220,6 +209,7 @@ def _autocast(
     return torch.autocast(device.type, dtype=dtype)
 
 
+#: A tile's prediction in pieces: (planes of the tile's first axis, (C, planes, ...) piece)
 _Pieces = Iterator[tuple[slice, torch.Tensor]]
 
 
@@ -229,13 +219,13 @@ def _tile_predictions(
     mirror_axes: Sequence[int] | None,
     autocast_dtype: torch.dtype | None,
 ) -> Iterator[tuple[tuple[slice, ...], _Pieces]]:
-    """Each tile's (C, ...) prediction in pieces of classes, one tile at a time with all of
-    torch's threads.
+    """Each tile's (C, ...) prediction in pieces, one tile at a time with all of torch's
+    threads.
 
     Without mirroring, a network with a head (:class:`~dlmuse_bids.nnunet.network.UNet`) gives
-    its head's output a few classes at a time, each piece to be accumulated before the next is
-    computed: the tile's whole output (0.8 GB for DLMUSE) is never held. With mirroring, the
-    pieces are summed over the mirrorings first (:func:`predict_tile`), in one piece.
+    its head's output a slab of planes at a time, each piece to be accumulated before the next
+    is computed: the tile's whole output (0.8 GB for DLMUSE) is never held. With mirroring, the
+    slabs are summed over the mirrorings first (:func:`predict_tile`), in one piece.
     Each piece must be let go before the next is asked for.
     """
     direct = not mirror_axes and _has_head(network)
@@ -257,10 +247,15 @@ def _tile_predictions(
 def _head_pieces(
     head: torch.nn.Conv3d, features: torch.Tensor, autocast_dtype: torch.dtype | None
 ) -> _Pieces:
-    for part in _class_parts(head.out_channels):
+    slabs = _head_slabs(head, features)
+    while True:
         with _autocast(features.device, autocast_dtype):
-            out = _head_part(head, features, part)[0]
-        yield part, out
+            slab = next(slabs, None)
+        if slab is None:
+            return
+        planes, out = slab
+        del slab
+        yield planes, out[0]
         del out
 
 
@@ -424,8 +419,10 @@ def sliding_window_logits(
             network, tiles, mirror_axes, autocast_dtype, threads_per_pass
         )
     for sl, pieces in predictions:
-        for part, piece in pieces:
-            _accumulate(logits[(part, *sl)], piece.to(results_device), gaussian_f32)
+        for planes, piece in pieces:
+            rows = range(sl[0].start, sl[0].stop)[planes]
+            view = logits[(slice(None), slice(rows.start, rows.stop), *sl[1:])]
+            _accumulate(view, piece.to(results_device), gaussian_f32[planes])
             del piece  # not alive while the next piece, or the next tile, is computed
         weights[sl] += gaussian
     torch.div(logits, weights, out=logits)
