@@ -65,6 +65,36 @@ def test_bf16_mirror_average_is_accumulated_in_fp32():
     assert out.dtype == torch.float32
 
 
+def test_bf16_weights_are_what_autocast_computes_with(tiny_models):
+    """A bf16 predictor stores its convolutions' weights in bf16 (half the memory); the logits
+    are those of fp32 weights under autocast, bit for bit."""
+    from dlmuse_bids.models import find_model
+    from dlmuse_bids.nnunet.sliding_window import sliding_window_logits
+    from tests.conftest import synthetic_head
+
+    model = load_trained_model(find_model("DLICV", [tiny_models]))
+    predictor = model.predictor(InferenceOptions(precision="bf16", channels_last=True))
+    fp32 = model.predictor(InferenceOptions(precision="fp32", channels_last=True))
+    convs = [m for m in predictor.network.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert convs and all(m.weight.dtype == torch.bfloat16 for m in convs)
+    assert all(p.dtype == torch.float32 for p in fp32.network.parameters())
+    head = torch.from_numpy(np.asarray(synthetic_head().dataobj, dtype=np.float32))[None]
+    config = model.config
+    logits = [
+        sliding_window_logits(
+            p.network,
+            head,
+            config.num_classes,
+            config.patch_size,
+            mirror_axes=(0, 1, 2),
+            autocast_dtype=torch.bfloat16,
+            channels_last=True,
+        )  # fmt: skip
+        for p in (predictor, fp32)
+    ]
+    assert torch.equal(*logits)
+
+
 # (precision, channels-last, threads per pass)
 ONE_THREAD, SHARED, EXACT = ("fast", True, 1), ("fast", True, None), ("auto", False, None)
 

@@ -264,6 +264,7 @@ def run_nifti(settings: NiftiRunSettings, say: Say, progress=None) -> RunReport:
         )
     except ValueError as exc:
         raise ModelError(str(exc)) from exc
+    del models  # the checkpoints' tensors: the networks hold their own copies
 
     with ImageLocks(out, say) as locks:
         plan = plan_images(
