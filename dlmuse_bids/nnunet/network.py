@@ -49,9 +49,10 @@ def conv_slabs(
     planes (what ``planes`` needs to compute its own in one piece). Each slab's input is the
     planes its outputs read, zero-padded at the volume's faces as the convolution pads there, so
     every output element is the same sum of the same products as in the whole convolution
-    (tested bit for bit against it on full tiles). Inputs within :data:`SLAB_BYTES`, and
-    convolutions that are strided, dilated or not centred, come whole, in one slab. Each slab
-    must be let go before the next is asked for.
+    (tested bit for bit against it on full tiles). Inputs within :data:`SLAB_BYTES`, inputs not
+    on the CPU (cuDNN picks its algorithm by shape), and convolutions that are strided, dilated
+    or not centred come whole, in one slab. Each slab must be let go before the next is asked
+    for.
     """
     depth, rows, cols = like.shape[2:]
     per_slab = max(
@@ -63,7 +64,7 @@ def conv_slabs(
     n = -(-depth // per_slab)
     pad = conv.padding[0]
     centred = conv.kernel_size[0] == 2 * pad + 1 and conv.dilation[0] == 1
-    if n == 1 or not centred or any(s != 1 for s in conv.stride):
+    if n == 1 or not centred or any(s != 1 for s in conv.stride) or like.device.type != "cpu":
         yield slice(None), conv(planes(0, depth))
         return
     bounds = [round(depth * i / n) for i in range(n + 1)]
