@@ -7,7 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from dlmuse_bids.execution import image_order_plugin, workflow_batches
+from dlmuse_bids.execution import (
+    collections_of_new_objects_only,
+    image_order_plugin,
+    workflow_batches,
+)
 
 STEPS = ("reorient", "dlicv", "dlmuse", "sink")
 
@@ -30,6 +34,8 @@ def _study(base: Path, names: tuple[str, ...], failing: str = "", stopping: str 
     from nipype.pipeline import engine as pe
 
     study = pe.Workflow(name="dlmuse_bids_wf", base_dir=str(base))
+    # as the runner sets it (nipype's 2 s default sleeps after every scheduling pass)
+    study.config["execution"]["poll_sleep_duration"] = 0.1
     for name in names:
         image = pe.Workflow(name=name)
         nodes = [
@@ -79,6 +85,49 @@ def test_images_are_taken_in_turn(tmp_path, plugin, args):
     # nipype's own order runs each step for every image first: nothing finishes until the end
     assert plain != expected and sorted(plain) == sorted(expected)
     assert [step for _, step in plain[:3]] == ["reorient"] * 3
+
+
+def test_multiproc_collections_leave_out_what_lived_before_the_run(tmp_path, monkeypatch):
+    """nipype's MultiProc runs a full garbage collection before every scheduling pass: ours
+    runs each of them with the objects alive at the start frozen, and unfreezes them after."""
+    import gc
+
+    frozen: list[int] = []
+    collect = gc.collect
+
+    def recording_collect(*args, **kwargs):
+        frozen.append(gc.get_freeze_count())
+        return collect(*args, **kwargs)
+
+    names = ("t1w_a_wf", "t1w_b_wf")
+    plugin = image_order_plugin(
+        "MultiProc", {n: Path(f"{n}.nii.gz") for n in names}, {"n_procs": 1}
+    )
+    before = gc.get_freeze_count()
+    monkeypatch.setattr(gc, "collect", recording_collect)
+    _study(tmp_path, names).run(plugin=plugin)
+    monkeypatch.undo()
+    assert len(frozen) >= len(names) * len(STEPS)
+    assert min(frozen) > before + 1000  # the libraries, nipype's graph: all left out
+    assert gc.get_freeze_count() == before
+
+
+def test_garbage_made_during_the_run_is_still_collected():
+    import gc
+    import weakref
+
+    class Cycle:
+        pass
+
+    with collections_of_new_objects_only():
+        assert gc.get_freeze_count() > 0
+        made = Cycle()
+        made.me = made
+        ref = weakref.ref(made)
+        del made
+        gc.collect()
+        assert ref() is None
+    assert gc.get_freeze_count() == 0
 
 
 def test_one_failing_image_does_not_stop_the_others(tmp_path):
