@@ -1,0 +1,217 @@
+"""A study, not one scan: ``dlmuse-bids participant`` against ``dlmuse run`` on the same T1w.
+
+Eight full-resolution T1w (the five real heads of ``../shared/data/t1w``, three of them twice
+under other subjects) in one BIDS dataset, full-width random-weight models (the official
+architectures: the time and memory of the real ones). Each command runs in a fresh process,
+timed from outside: wall seconds, the peak RSS that ``os.wait4`` reports (the command and the
+children it waited for: not nipype's forkserver workers) and the peak of the summed RSS of its
+whole process tree, sampled every 0.5 s:
+
+* ``dlmuse run``: the pipeline on the eight files in one process, one after the other, with
+  ``--threads`` threads per network;
+* ``dlmuse-bids ... participant --nprocs N``: the BIDS App on the dataset (pybids, the nipype
+  workflow, derivatives, sidecars, reports and mosaics), ``N`` processes.
+
+The difference is what the workflow machinery adds (goal, issue 17: under 5 %); images per
+hour are the study's rate. Both runs use the same mode, so the networks do the same work.
+
+Usage::
+
+    python benchmarks/study_throughput.py [--images 8] [--mode fast] [--nprocs 2]
+        [--threads 2] [--work DIR] [--out benchmarks/results]
+
+Writes ``results/study_throughput_<mode>.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.study_scale import measured  # noqa: E402
+from benchmarks.time_pipeline import cpu_model, full_width_models  # noqa: E402
+from tests.support.bids import make_dataset, write_scan  # noqa: E402
+from tests.support.paths import DATA_DIR, NICHART_NORMS  # noqa: E402
+
+#: the real heads, in the order the study's subjects get them
+HEADS = [
+    "sub-otsu_T1w.nii.gz",
+    "sub-chris_T1w.nii.gz",
+    "sub-colin27_T1w.nii.gz",
+    "sub-brainchop_T1w.nii.gz",
+    "sub-dep01_T1w.nii.gz",
+]
+
+
+def study_files(n: int) -> list[tuple[str, str]]:
+    """``n`` subjects' T1w paths in the dataset, each with the real head it holds."""
+    heads = itertools.islice(itertools.cycle(HEADS), n)
+    return [(f"sub-{i + 1:02d}/anat/sub-{i + 1:02d}_T1w.nii.gz", h) for i, h in enumerate(heads)]
+
+
+def make_study(root: Path, n: int) -> list[Path]:
+    """The dataset at ``root`` (full resolution) and its T1w files."""
+    import nibabel as nib
+
+    files = study_files(n)
+    make_dataset(root, files=[])
+    paths = [write_scan(root, rel, head, step=1) for rel, head in files]
+    for path, (_, head) in zip(paths, files, strict=True):
+        assert nib.load(path).shape == nib.load(DATA_DIR / "t1w" / head).shape
+    rows = ["participant_id\tage\tsex"]
+    rows += [f"sub-{i + 1:02d}\t{60 + i}\t{'MF'[i % 2]}" for i in range(n)]
+    (root / "participants.tsv").write_text("\n".join(rows) + "\n")
+    return paths
+
+
+def tree_rss(root: int) -> int:
+    """Bytes resident in process ``root`` and all its descendants (from ``/proc``)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    tree, grew = {root}, True
+    while grew:
+        more = {pid for pid, ppid in parents.items() if ppid in tree} - tree
+        tree |= more
+        grew = bool(more)
+    total = 0
+    for pid in tree:
+        try:
+            total += int((Path("/proc") / str(pid) / "statm").read_text().split()[1])
+        except OSError:
+            continue
+    return total * os.sysconf("SC_PAGE_SIZE")
+
+
+def measured_tree(cmd: list[str], env: dict, logs: Path) -> dict:
+    """:func:`measured`, with the peak of the summed RSS of the command's process tree
+    (nipype's forkserver workers are not children that ``wait4`` reports), sampled every 0.5 s."""
+    import threading
+
+    peak, done = [0], threading.Event()
+    me = os.getpid()
+
+    def sample() -> None:
+        while not done.wait(0.5):
+            children = [
+                int(e.name)
+                for e in Path("/proc").iterdir()
+                if e.name.isdigit() and _ppid(int(e.name)) == me
+            ]
+            peak[0] = max(peak[0], sum(tree_rss(c) for c in children))
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        result = measured(cmd, env, logs)
+    finally:
+        done.set()
+        thread.join()
+    result["peak_tree_rss_gib"] = round(peak[0] / 2**30, 3)
+    return result
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        return int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return None
+
+
+def bin_of(name: str) -> str:
+    return str(Path(sys.executable).with_name(name))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=8)
+    p.add_argument("--mode", choices=("default", "exact", "fast"), default="fast")
+    p.add_argument("--no-tta", action="store_true", help="both runs without mirroring")
+    p.add_argument("--nprocs", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="threads per network, both runs")
+    p.add_argument("--models", type=Path, default=REPO / ".cache" / "full_width_models")
+    p.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp)")
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    args = p.parse_args(argv)
+    models = full_width_models(args.models)
+    work = Path(tempfile.mkdtemp(prefix="study-", dir=args.work))
+    try:
+        bids = work / "bids"
+        t1w = make_study(bids, args.images)
+        mode = ["--mode", args.mode, *(["--no-tta"] if args.no_tta else [])]
+        norms = ["--norms-dir", str(NICHART_NORMS)] if NICHART_NORMS.is_dir() else []
+        common = ["--model-dir", str(models), "--device", "cpu", "--offline", *norms, *mode]
+        env = {**os.environ, "TEMPLATEFLOW_HOME": str(work / "templateflow")}
+        runs = {}
+        cmd = [bin_of("dlmuse"), "run", *map(str, t1w), "-o", str(work / "run")]
+        cmd += [*common, "--threads", str(args.threads)]
+        runs["dlmuse run"] = measured_tree(cmd, env, work)
+        print(json.dumps(runs["dlmuse run"]), flush=True)
+        cmd = [bin_of("dlmuse-bids"), str(bids), str(work / "bids-app"), "participant"]
+        cmd += ["-w", str(work / "work"), "--nprocs", str(args.nprocs)]
+        cmd += ["--omp-nthreads", str(args.threads)]
+        runs["dlmuse-bids participant"] = measured_tree([*cmd, *common], env, work)
+        print(json.dumps(runs["dlmuse-bids participant"]), flush=True)
+        for name, run in runs.items():
+            if run["rc"] != 0:
+                raise SystemExit(f"{name} failed (exit {run['rc']}): {run['last_line']}")
+        made = sorted((work / "bids-app").rglob("*_dseg.nii.gz"))
+        if len(made) != args.images:
+            raise SystemExit(f"dlmuse-bids wrote {len(made)} label maps, not {args.images}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    base = runs["dlmuse run"]["seconds"]
+    for run in runs.values():
+        run["images_per_hour"] = round(3600 * args.images / run["seconds"], 1)
+        run["vs_dlmuse_run_pct"] = round(100 * (run["seconds"] - base) / base, 2)
+    meta = {
+        "cpu": cpu_model(),
+        "cpus": os.cpu_count(),
+        "images": args.images,
+        "heads": [h for _, h in study_files(args.images)],
+        "mode": args.mode,
+        "no_tta": args.no_tta,
+        "nprocs": args.nprocs,
+        "threads_per_network": args.threads,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"study_throughput_{args.mode}{'_no-tta' if args.no_tta else ''}"
+    (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=2))
+    lines = [
+        f"{args.images} full-resolution T1w ({', '.join(sorted(set(meta['heads'])))}), "
+        "full-width random "
+        f"weights, `--mode {args.mode}`{' --no-tta' if args.no_tta else ''}, {meta['cpu']} "
+        f"({meta['cpus']} CPUs), {args.threads} threads per network, dlmuse-bids with "
+        f"`--nprocs {args.nprocs}`. One run of each, in fresh processes.",
+        "",
+        "| command | wall s | images per hour | vs `dlmuse run` | peak RSS (wait4) "
+        "| peak RSS, all its processes |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, run in runs.items():
+        lines.append(
+            f"| `{name}` | {run['seconds']:.0f} | {run['images_per_hour']:.1f} | "
+            f"{run['vs_dlmuse_run_pct']:+.1f} % | {run['peak_rss_gib']:.2f} GiB | "
+            f"{run['peak_tree_rss_gib']:.2f} GiB |"
+        )
+    (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
