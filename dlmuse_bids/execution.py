@@ -92,6 +92,18 @@ def image_order_plugin(name: str, images: dict[str, Path], plugin_args: dict, st
     check = stop.check if stop is not None else lambda: None
     from nipype.pipeline.plugins import LinearPlugin, MultiProcPlugin
 
+    if stop is not None and "status_callback" in plugin_args:
+        report = plugin_args["status_callback"]
+
+        def status(node, what: str) -> None:
+            # a node this process runs when the signal comes fails with it: that image is not
+            # finished (the runner says so), not failed
+            if what == "exception" and stop.signum is not None:
+                return
+            report(node, what)
+
+        plugin_args = {**plugin_args, "status_callback": status}
+
     rank = {wf: i for i, wf in enumerate(images)}
 
     def image_rank(node) -> int:
@@ -130,11 +142,19 @@ def image_order_plugin(name: str, images: dict[str, Path], plugin_args: dict, st
             jobids = super()._sort_jobs(jobids, scheduler=scheduler)
             return sorted(jobids, key=lambda j: image_rank(self.procs[j]))  # stable
 
+        stopping = False
+
+        def _async_callback(self, args):
+            if self.stopping:  # a worker ended by stop_workers: its broken task is not a result
+                return
+            super()._async_callback(args)
+
         def run(self, graph, config, updatehash=False):
             with collections_of_new_objects_only():
                 try:
                     return super().run(graph, config, updatehash=updatehash)
                 except BaseException:  # a signal's Stopped, KeyboardInterrupt: no worker goes on
+                    self.stopping = True
                     stop_workers(getattr(self, "pool", None))
                     raise
 

@@ -130,6 +130,37 @@ def test_garbage_made_during_the_run_is_still_collected():
     assert gc.get_freeze_count() == 0
 
 
+def test_what_a_stop_breaks_is_not_an_images_failure():
+    """A node run in the launcher when SIGTERM comes fails with the stop, and the workers that
+    stop_workers ends leave broken tasks: neither is reported as an image's failure."""
+    from concurrent.futures import Future
+    from concurrent.futures.process import BrokenProcessPool
+    from types import SimpleNamespace
+
+    from dlmuse_bids.runner.core import StopRequest
+
+    seen, stop = [], StopRequest()
+    plugin = image_order_plugin(
+        "MultiProc",
+        {"t1w_a_wf": Path("a.nii.gz")},
+        {"status_callback": lambda node, status: seen.append(status), "n_procs": 1},
+        stop,
+    )
+    mosaic = SimpleNamespace(fullname="dlmuse_bids_wf.t1w_a_wf.mosaic")
+    plugin._status_callback(mosaic, "exception")  # before the stop: the image's own failure
+    stop.signum = signal.SIGTERM
+    plugin._status_callback(mosaic, "exception")
+    plugin._status_callback(mosaic, "end")
+    assert seen == ["exception", "end"]
+    broken = Future()
+    broken.set_exception(BrokenProcessPool("a worker was ended"))
+    with pytest.raises(BrokenProcessPool):
+        plugin._async_callback(broken)
+    plugin.stopping = True
+    plugin._async_callback(broken)  # concurrent.futures would log its traceback
+    plugin.pool.shutdown()
+
+
 def test_one_failing_image_does_not_stop_the_others(tmp_path):
     names = ("t1w_a_wf", "t1w_b_wf")
     images = {name: Path(f"{name}.nii.gz") for name in names}
