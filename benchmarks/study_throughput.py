@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.study_scale import measured  # noqa: E402
 from benchmarks.time_pipeline import cpu_model, full_width_models  # noqa: E402
 from tests.support.bids import make_dataset, write_scan  # noqa: E402
-from tests.support.paths import DATA_DIR, NICHART_NORMS  # noqa: E402
+from tests.support.paths import NICHART_NORMS  # noqa: E402
 
 #: the real heads, in the order the study's subjects get them
 HEADS = [
@@ -60,41 +60,35 @@ def study_files(n: int) -> list[tuple[str, str]]:
 
 def make_study(root: Path, n: int) -> list[Path]:
     """The dataset at ``root`` (full resolution) and its T1w files."""
-    import nibabel as nib
-
     files = study_files(n)
-    make_dataset(root, files=[])
+    make_dataset(root, files=[], participants=False)
     paths = [write_scan(root, rel, head, step=1) for rel, head in files]
-    for path, (_, head) in zip(paths, files, strict=True):
-        assert nib.load(path).shape == nib.load(DATA_DIR / "t1w" / head).shape
     rows = ["participant_id\tage\tsex"]
     rows += [f"sub-{i + 1:02d}\t{60 + i}\t{'MF'[i % 2]}" for i in range(n)]
     (root / "participants.tsv").write_text("\n".join(rows) + "\n")
     return paths
 
 
-def tree_rss(root: int) -> int:
-    """Bytes resident in process ``root`` and all its descendants (from ``/proc``)."""
-    parents: dict[int, int] = {}
+def descendants_rss(ancestor: int) -> int:
+    """Bytes resident in every descendant of process ``ancestor`` (one pass over ``/proc``)."""
+    parents, resident = {}, {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 stat = (entry / "stat").read_text()
-            except OSError:
+                pages = int((entry / "statm").read_text().split()[1])
+            except OSError:  # ended meanwhile
                 continue
-            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    tree, grew = {root}, True
+            pid = int(entry.name)
+            parents[pid] = int(stat.rsplit(")", 1)[1].split()[1])
+            resident[pid] = pages
+    tree, grew = {ancestor}, True
     while grew:
         more = {pid for pid, ppid in parents.items() if ppid in tree} - tree
         tree |= more
         grew = bool(more)
-    total = 0
-    for pid in tree:
-        try:
-            total += int((Path("/proc") / str(pid) / "statm").read_text().split()[1])
-        except OSError:
-            continue
-    return total * os.sysconf("SC_PAGE_SIZE")
+    tree.discard(ancestor)
+    return sum(resident.get(pid, 0) for pid in tree) * os.sysconf("SC_PAGE_SIZE")
 
 
 def measured_tree(cmd: list[str], env: dict, logs: Path) -> dict:
@@ -103,16 +97,10 @@ def measured_tree(cmd: list[str], env: dict, logs: Path) -> dict:
     import threading
 
     peak, done = [0], threading.Event()
-    me = os.getpid()
 
     def sample() -> None:
         while not done.wait(0.5):
-            children = [
-                int(e.name)
-                for e in Path("/proc").iterdir()
-                if e.name.isdigit() and _ppid(int(e.name)) == me
-            ]
-            peak[0] = max(peak[0], sum(tree_rss(c) for c in children))
+            peak[0] = max(peak[0], descendants_rss(os.getpid()))
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
@@ -123,13 +111,6 @@ def measured_tree(cmd: list[str], env: dict, logs: Path) -> dict:
         thread.join()
     result["peak_tree_rss_gib"] = round(peak[0] / 2**30, 3)
     return result
-
-
-def _ppid(pid: int) -> int | None:
-    try:
-        return int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
-    except OSError:
-        return None
 
 
 def bin_of(name: str) -> str:
