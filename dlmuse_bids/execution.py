@@ -76,6 +76,13 @@ def image_of(fullname: str, images: dict[str, Path]) -> str | None:
     return next((part for part in fullname.split(".") if part in images), None)
 
 
+#: The processors MultiProc counts for its launching process's own nodes
+#: (``run_without_submitting``): less than any worker's job asks for, so only those fit in it.
+#: nipype skips a scheduling pass when the workers hold every processor, so the sinks and the
+#: mosaic of an image waited for the next image's network (45-65 s on a 2-core study).
+LAUNCHER_SHARE = 0.5
+
+
 def image_order_plugin(name: str, images: dict[str, Path], plugin_args: dict, stop=None):
     """nipype's ``Linear`` or ``MultiProc`` plugin, taking the images in turn; else None.
 
@@ -83,7 +90,9 @@ def image_order_plugin(name: str, images: dict[str, Path], plugin_args: dict, st
     next step for any: no image is finished until the last one has had its DLICV, so a run
     killed at 90 % (a wall time, a ``scancel``) keeps nothing. These run an image's nodes
     before a later image's, so images finish one by one (``nprocs`` at a time), and a run
-    that is stopped keeps every image finished so far. The work is the same.
+    that is stopped keeps every image finished so far. The work is the same. MultiProc also
+    runs the nodes of this process (sinks, mosaic) beside a network that holds every processor
+    (:data:`LAUNCHER_SHARE`), and gives out the workers' jobs of a pass before it runs them.
 
     ``stop`` (a :class:`~dlmuse_bids.runner.core.StopRequest`) is looked at between images
     (Linear) and at every scheduling pass (MultiProc): a stop raised in a node this process
@@ -140,7 +149,18 @@ def image_order_plugin(name: str, images: dict[str, Path], plugin_args: dict, st
         def _sort_jobs(self, jobids, scheduler="tsort"):
             check()  # each scheduling pass
             jobids = super()._sort_jobs(jobids, scheduler=scheduler)
-            return sorted(jobids, key=lambda j: image_rank(self.procs[j]))  # stable
+            # the workers' jobs are given out first, then this process runs its own: the next
+            # network starts before the last image's sinks and mosaic, which run beside it
+            return sorted(  # stable
+                jobids,
+                key=lambda j: (self.procs[j].run_without_submitting, image_rank(self.procs[j])),
+            )
+
+        def _check_resources(self, running_tasks):
+            # this process's share (no worker's job fits in it): a pass while the workers hold
+            # every processor still runs this process's nodes, which ask for none of them
+            memory, processors, gpus = super()._check_resources(running_tasks)
+            return memory, processors + LAUNCHER_SHARE, gpus
 
         stopping = False
 
@@ -150,6 +170,9 @@ def image_order_plugin(name: str, images: dict[str, Path], plugin_args: dict, st
             super()._async_callback(args)
 
         def run(self, graph, config, updatehash=False):
+            for node in graph.nodes:
+                if node.run_without_submitting and not hasattr(node.inputs, "num_threads"):
+                    node.n_procs = 0  # runs here, on no worker's processor
             with collections_of_new_objects_only():
                 try:
                     return super().run(graph, config, updatehash=updatehash)

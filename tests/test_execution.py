@@ -161,6 +161,58 @@ def test_what_a_stop_breaks_is_not_an_images_failure():
     plugin.pool.shutdown()
 
 
+def _nap(value, seconds):
+    import time
+
+    time.sleep(seconds)
+    return value
+
+
+def test_this_processs_nodes_run_while_the_workers_are_busy(tmp_path):
+    """An image's sinks (nodes run in the launching process) run beside the next image's
+    network, which holds every processor: they do not wait for it to end, nor does it for them.
+    """
+    from nipype.interfaces.utility import Function
+    from nipype.pipeline import engine as pe
+
+    study = pe.Workflow(name="dlmuse_bids_wf", base_dir=str(tmp_path))
+    study.config["execution"]["poll_sleep_duration"] = 0.1
+    names = ("t1w_a_wf", "t1w_b_wf")
+    for name, seconds in zip(names, (0.1, 4.0), strict=True):
+        image = pe.Workflow(name=name)
+        nap = Function(input_names=["value", "seconds"], output_names=["value"], function=_nap)
+        network = pe.Node(nap, name="network", n_procs=2)
+        network.inputs.value, network.inputs.seconds = name, seconds
+        sinks = [
+            pe.Node(
+                Function(input_names=["value"], output_names=["value"], function=_step),
+                name=f"sink{i}",
+                run_without_submitting=True,
+            )
+            for i in (1, 2)
+        ]
+        image.connect([(network, sinks[0], [("value", "value")])])
+        image.connect([(sinks[0], sinks[1], [("value", "value")])])
+        study.add_nodes([image])
+    seen: list[tuple[str, str, str]] = []
+    plugin = image_order_plugin(
+        "MultiProc",
+        {name: Path(f"{name}.nii.gz") for name in names},
+        {
+            "n_procs": 2,
+            "mp_context": "forkserver",
+            "status_callback": lambda n, s: seen.append((n.fullname.split(".")[1], n.name, s)),
+        },
+    )
+    study.run(plugin=plugin)
+    # b's network is given out before a's first sink runs, in the same pass
+    assert seen.index(("t1w_b_wf", "network", "start")) < seen.index(("t1w_a_wf", "sink1", "end"))
+    # nipype's own pass gives out nothing while the workers hold every processor: a's second
+    # sink would wait the 4 s of b's network
+    assert seen.index(("t1w_a_wf", "sink2", "end")) < seen.index(("t1w_b_wf", "network", "end"))
+    assert seen[-1] == ("t1w_b_wf", "sink2", "end")
+
+
 def test_one_failing_image_does_not_stop_the_others(tmp_path):
     names = ("t1w_a_wf", "t1w_b_wf")
     images = {name: Path(f"{name}.nii.gz") for name in names}
