@@ -361,7 +361,11 @@ def remove_leftovers(source: Path, output_dir: Path) -> list[Path]:
     :func:`dlmuse_bids.io.leftover_temporaries`).
     """
     removed = []
-    for final in output_paths(source, output_dir).values():
+    finals = [
+        *output_paths(source, output_dir).values(),
+        *figure_paths(source, output_dir).values(),
+    ]
+    for final in finals:
         for tmp in leftover_temporaries(final):
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
@@ -433,13 +437,17 @@ def image_sidecar(
 
 
 def outputs_current(source: Path, output_dir: Path, provenance: Provenance) -> bool:
-    """Every output of ``source`` exists and both sidecars carry the same provenance.
+    """Every output of ``source`` and its report's figures exist, and both sidecars carry the
+    same provenance.
 
-    The template check's transform counts only when this run has a template.
+    The template check's transform counts only when this run has a template. The mosaic is the
+    last file an image gets: a run stopped while it was drawn left the image unfinished.
     """
     paths = output_paths(source, output_dir)
     optional = OPTIONAL_OUTPUTS if provenance.template is None else ()
     if not all(p.is_file() for key, p in paths.items() if key not in optional):
+        return False
+    if not all(p.is_file() for p in figure_paths(source, output_dir).values()):
         return False
     for key in ("dseg_json", "mask_json"):
         try:

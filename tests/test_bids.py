@@ -246,8 +246,9 @@ def test_outputs_current(tmp_path):
     prov = _provenance()
     source = tmp_path / "raw/sub-01/anat/sub-01_T1w.nii.gz"
     paths = bids.output_paths(source, tmp_path / "out")
+    mosaic = bids.figure_paths(source, tmp_path / "out")["mosaic"]
     assert not bids.outputs_current(source, tmp_path / "out", prov)
-    for key, path in paths.items():
+    for key, path in [*paths.items(), ("mosaic", mosaic)]:
         path.parent.mkdir(parents=True, exist_ok=True)
         if key.endswith("json"):
             bids.write_json_atomic(path, prov.metadata())
@@ -255,6 +256,9 @@ def test_outputs_current(tmp_path):
             path.write_bytes(b"x")
     assert bids.outputs_current(source, tmp_path / "out", prov)
     assert not bids.outputs_current(source, tmp_path / "out", _provenance(inference={}))
+    mosaic.unlink()  # a run stopped while the mosaic was drawn: not finished
+    assert not bids.outputs_current(source, tmp_path / "out", prov)
+    mosaic.write_bytes(b"x")
     paths["volumes"].unlink()
     assert not bids.outputs_current(source, tmp_path / "out", prov)
 
@@ -290,3 +294,9 @@ def test_a_killed_writers_temporaries_are_removed_for_its_image_only(tmp_path):
     left = list(mine.parent.glob(".*.tmp"))
     assert len(left) == 1 and left[0].name.startswith(f".{theirs.name}.")
     assert not mine.exists() and bids.remove_leftovers(source, out) == []
+    mosaic = bids.figure_paths(source, out)["mosaic"]  # the report's figure, the last written
+    mosaic.parent.mkdir(parents=True)
+    killed = subprocess.run([sys.executable, "-c", script, str(mosaic)], check=False)
+    assert killed.returncode == -signal.SIGKILL
+    assert [p.parent for p in bids.remove_leftovers(source, out)] == [mosaic.parent]
+    assert not list(mosaic.parent.glob(".*.tmp"))

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dlmuse_bids.bids import output_paths
+from dlmuse_bids.bids import figure_paths, output_paths
 from dlmuse_bids.cli.common import EXIT_SOME_FAILED
 from dlmuse_bids.locks import holder
 from tests.conftest import needs_shared
@@ -170,11 +170,12 @@ def assert_complete(path: Path) -> None:
 
 
 def _done(raw: Path, out: Path, files) -> set[str]:
-    """Images whose every output exists."""
+    """Images whose every output exists, their mosaic (the last file) included."""
     return {
         rel
         for rel, _ in files
         if all(p.exists() for key, p in output_paths(raw / rel, out).items() if key != "xfm")
+        and all(p.exists() for p in figure_paths(raw / rel, out).values())
     }
 
 
