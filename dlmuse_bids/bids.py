@@ -320,7 +320,7 @@ def derivative_path(source: Path, **entities: Any) -> Path:
 
 def figure_paths(source: Path, output_dir: Path) -> dict[str, Path]:
     """The report figures of one T1w, by :data:`FIGURES` key."""
-    return {key: Path(output_dir) / derivative_path(source, **ent) for key, ent in FIGURES.items()}
+    return dict(_derivative_paths(os.fspath(source), os.fspath(output_dir), "figures"))
 
 
 def report_path(output_dir: Path, subject: str) -> Path:
@@ -334,15 +334,16 @@ def report_path(output_dir: Path, subject: str) -> Path:
 
 def output_paths(source: Path, output_dir: Path) -> dict[str, Path]:
     """The files one T1w produces, by :data:`OUTPUTS` key."""
-    return dict(_output_paths(os.fspath(source), os.fspath(output_dir)))
+    return dict(_derivative_paths(os.fspath(source), os.fspath(output_dir), "outputs"))
 
 
 @functools.lru_cache(maxsize=1 << 16)
-def _output_paths(source: str, output_dir: str) -> tuple[tuple[str, Path], ...]:
+def _derivative_paths(source: str, output_dir: str, kind: str) -> tuple[tuple[str, Path], ...]:
     # a run asks for each image's names several times (plan, lock, leftovers, outcome)
+    table = OUTPUTS if kind == "outputs" else FIGURES
     return tuple(
         (key, Path(output_dir) / derivative_path(Path(source), **ent))
-        for key, ent in OUTPUTS.items()
+        for key, ent in table.items()
     )
 
 
