@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 import warnings
 
 import numpy as np
@@ -457,6 +458,91 @@ def test_the_memory_layout_of_the_input_changes_nothing(tiny_models, layout):
     assert np.array_equal(
         predictor.preprocess(data, zooms)[0], predictor.preprocess(other, zooms)[0]
     )
+
+
+@pytest.mark.parametrize(
+    "dtype, norm_dtype, fmt",
+    [
+        (torch.float32, torch.float32, torch.contiguous_format),
+        (torch.float32, torch.float32, torch.channels_last_3d),
+        (torch.bfloat16, torch.float32, torch.channels_last_3d),
+        (torch.bfloat16, torch.bfloat16, torch.channels_last_3d),
+        (torch.float64, torch.float64, torch.contiguous_format),
+    ],
+    ids=["fp32", "fp32-channels-last", "bf16-map-fp32-norm", "bf16", "fp64"],
+)
+def test_instance_norm_in_place_is_the_forward_bit_for_bit(dtype, norm_dtype, fmt):
+    """``normalize_`` writes into its input exactly what ``forward`` returns (a bf16 predictor's
+    maps are bf16, its norms' parameters fp32)."""
+    torch.manual_seed(0)
+    norm = network.InstanceNorm3d(6, eps=1e-5, affine=True).to(norm_dtype)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0)
+        norm.bias.uniform_(-1.0, 1.0)
+    x = (torch.randn(1, 6, 9, 10, 11) * 3 + 1).to(dtype).to(memory_format=fmt)
+    with torch.inference_mode():
+        expected = norm(x)
+        y = x.clone(memory_format=torch.preserve_format)
+        result = norm.normalize_(y)
+    assert result.data_ptr() == y.data_ptr()  # no second feature map
+    assert result.dtype == dtype and result.is_contiguous(memory_format=fmt)
+    assert torch.equal(result, expected)
+
+
+def test_instance_norm_in_place_falls_back_where_it_cannot_be_in_place():
+    """A batch of two, or a tensor autograd tracks, gets the ordinary out-of-place forward."""
+    norm = network.InstanceNorm3d(3, affine=True)
+    for x in (torch.randn(2, 3, 4, 4, 4), torch.randn(1, 3, 4, 4, 4, requires_grad=True)):
+        before = x.detach().clone()
+        result = norm.normalize_(x)
+        assert result.data_ptr() != x.data_ptr()
+        assert torch.equal(x.detach(), before)
+        assert torch.allclose(result, norm(x))
+
+
+_TRIM_SCRIPT = """
+import ctypes, sys
+from dlmuse_bids.nnunet import memory
+
+if sys.argv[1] == "retain":
+    assert memory.retain_freed_memory()
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = (ctypes.c_void_p,)
+size = 100 * 1024  # under glibc's mmap threshold: served from the heap
+blocks = [libc.malloc(size) for _ in range(400)]
+for block in blocks:
+    ctypes.memset(block, 1, size)
+for block in blocks[::2]:  # holes between live blocks: free, but never trimmed by free()
+    libc.free(block)
+
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+
+before = rss()
+released = memory.release_freed_memory()
+sys.stdout.write(f"{released} {before - rss()}")
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+@pytest.mark.parametrize("how", ["plain", "retain"])
+def test_release_freed_memory_returns_free_pages_unless_retained(how):
+    """After a prediction the free pages the heap holds go back to the kernel (20 MB of holes
+    here); a process that retains freed memory on purpose keeps them."""
+    import subprocess
+
+    from tests.support.paths import REPO_ROOT
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _TRIM_SCRIPT, how],
+        capture_output=True, text=True, check=True, cwd=REPO_ROOT,
+    )  # fmt: skip
+    released, dropped = proc.stdout.split()
+    if how == "plain":
+        assert released == "True" and int(dropped) > 15 * 2**20
+    else:
+        assert released == "False" and abs(int(dropped)) < 2**20
 
 
 _LABELS_SCRIPT = """

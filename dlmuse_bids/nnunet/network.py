@@ -133,7 +133,8 @@ class InstanceNorm3d(nn.InstanceNorm3d):
         """
         if x.dim() != 5 or x.shape[0] != 1 or self.track_running_stats or x.requires_grad:
             return self(x)
-        acc = torch.promote_types(x.dtype, torch.float32)  # the kernel's statistics dtype
+        # the kernel's statistics dtype: the parameters' (fp32 ones for a bf16 map), else the map's
+        acc = x.dtype if self.weight is None else self.weight.dtype
         stats = x.new_empty(0, dtype=acc), x.new_empty(0, dtype=acc)
         torch.ops.aten.native_batch_norm.out(
             x,

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..settings import PRECISIONS, InferenceOptions
+from .memory import release_freed_memory
 from .network import build_network
 from .plans import ModelConfig
 from .preprocessing import (
@@ -271,11 +272,14 @@ class Predictor:
             logits = self.logits(data)
             t2 = time.perf_counter()
             labels = self.export(logits, props)
+            grid = tuple(data.shape[1:])
+            del data, logits
+            release_freed_memory()  # what the tiles freed is not resident for the next network
             t3 = time.perf_counter()
         info.shape_in = tuple(image.shape)
         info.bbox = props["bbox"]
-        info.shape_network = tuple(data.shape[1:])
-        padded = [max(s, t) for s, t in zip(data.shape[1:], self.config.patch_size, strict=True)]
+        info.shape_network = grid
+        padded = [max(s, t) for s, t in zip(grid, self.config.patch_size, strict=True)]
         info.n_tiles = (
             len(tile_slicers(padded, self.config.patch_size, self.options.tile_step_size))
             * self.n_folds
@@ -285,7 +289,7 @@ class Predictor:
             "%s: %s -> network grid %s in %.1f s",
             self.config.dataset_name,
             image.shape,
-            data.shape[1:],
+            grid,
             t3 - t0,
         )
         return labels
