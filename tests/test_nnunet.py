@@ -253,6 +253,55 @@ def test_convolutions_in_slabs_are_bit_identical_on_a_full_tile(source, fast, mo
             assert torch.equal(out, head[:, :, planes]), (name, planes)
 
 
+@pytest.mark.parametrize("kernel", [3, 5])
+@pytest.mark.parametrize("budget", ["plane-at-a-time", "uneven"])
+def test_a_convolution_written_over_its_input_is_unchanged(kernel, budget, monkeypatch):
+    """Slabs written over the input they read (``into``) give the bits of slabs written into a
+    fresh tensor: the planes a later slab reads below its own are carried, never re-read."""
+    _slabs_of_any_size(monkeypatch, _SLABS[budget])
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(16, 16, kernel, padding=kernel // 2).double()
+    x = torch.randn(1, 16, 23, 32, 32, dtype=torch.float64)
+    keep = x.clone()
+    with torch.inference_mode():
+        fresh = network.conv_in_slabs(conv, lambda lo, hi: x[:, :, lo:hi], x)
+        assert torch.equal(x, keep)  # without ``into`` the input is only read
+        over = network.conv_in_slabs(conv, lambda lo, hi: x[:, :, lo:hi], x, into=x)
+        whole = conv(keep)
+    assert over.data_ptr() == x.data_ptr()
+    assert torch.equal(over, fresh)
+    torch.testing.assert_close(over, whole, rtol=0, atol=1e-12)
+
+
+def test_an_output_that_does_not_fit_is_not_written_over_the_input(monkeypatch):
+    _slabs_of_any_size(monkeypatch, 1)
+    conv = torch.nn.Conv3d(8, 16, 3, padding=1).double()  # more channels out than in
+    x = torch.randn(1, 8, 6, 8, 8, dtype=torch.float64)
+    keep = x.clone()
+    with torch.inference_mode():
+        out = network.conv_in_slabs(conv, lambda lo, hi: x[:, :, lo:hi], x, into=x)
+    assert out.shape == (1, 16, 6, 8, 8)
+    assert out.data_ptr() != x.data_ptr()
+    torch.testing.assert_close(out, conv(keep).detach(), rtol=0, atol=1e-12)
+
+
+@needs_shared
+def test_each_resolution_holds_one_feature_map(monkeypatch):
+    """The decoder writes each stage over its skip and each block over the one before: its
+    full-resolution output lies in the storage of the encoder's first skip."""
+    plans, dataset = _load(DLMUSE_PLANS_SOURCE)
+    config = parse_plans(plans, dataset)
+    torch.manual_seed(0)
+    net = build_network(config.architecture, 1, config.num_classes).double()
+    x = torch.randn(1, 1, 48, 32, 16, dtype=torch.float64)
+    _slabs_of_any_size(monkeypatch, _SLABS["uneven"])
+    with torch.inference_mode():
+        skips = net.encoder(x)
+        full_resolution = skips[0].data_ptr()
+        out = net.decoder.features(skips)
+    assert out.data_ptr() == full_resolution
+
+
 @pytest.mark.parametrize(
     "size,tile,step",
     [

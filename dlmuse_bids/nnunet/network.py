@@ -41,7 +41,12 @@ def onednn_min_planes(channels: int, rows: int) -> int:
 
 
 def conv_slabs(
-    conv: nn.Conv3d, planes: PlaneSource, like: torch.Tensor, min_planes: int = 1
+    conv: nn.Conv3d,
+    planes: PlaneSource,
+    like: torch.Tensor,
+    min_planes: int = 1,
+    *,
+    carry: bool = False,
 ) -> Iterator[tuple[slice, torch.Tensor]]:
     """``conv(planes(0, depth))`` a slab of output planes at a time: ``(planes, output)`` pairs.
 
@@ -53,6 +58,11 @@ def conv_slabs(
     on the CPU (cuDNN picks its algorithm by shape), and convolutions that are strided, dilated
     or not centred come whole, in one slab. Each slab must be let go before the next is asked
     for.
+
+    With ``carry``, the consumer may write each slab's output over the input's planes it
+    covers before it asks for the next slab: the input planes a later slab still reads below
+    its own (its lower face, ``padding`` planes) are copied from the slab before, and
+    ``planes`` is only ever asked for planes that no output has been written over yet.
     """
     depth, rows, cols = like.shape[2:]
     per_slab = max(
@@ -68,9 +78,11 @@ def conv_slabs(
         yield slice(None), conv(planes(0, depth))
         return
     bounds = [round(depth * i / n) for i in range(n + 1)]
+    carried = None  # planes first..lo of this slab, copied before they were written over
     for lo, hi in zip(bounds, bounds[1:], strict=False):
         first, last = max(lo - pad, 0), min(hi + pad, depth)
-        src = planes(first, last)
+        start = first if carried is None else lo
+        src = planes(start, last)
         slab = torch.empty(
             (*src.shape[:2], hi - lo + 2 * pad, *src.shape[3:]),
             dtype=src.dtype,
@@ -80,8 +92,13 @@ def conv_slabs(
         at = first - (lo - pad)
         slab[:, :, :at] = 0
         slab[:, :, at + last - first :] = 0
-        slab[:, :, at : at + last - first] = src
+        if carried is not None:
+            slab[:, :, at : at + start - first] = carried
+        slab[:, :, at + start - first : at + last - first] = src
         del src
+        if carry:  # the next slab's planes below its own, before this one's output lands there
+            below = max(hi - pad, 0)
+            carried = slab[:, :, at + below - first : at + hi - first].clone()
         out = nn.functional.conv3d(
             slab, conv.weight, conv.bias, 1, (0, *conv.padding[1:]), conv.dilation, conv.groups
         )
@@ -91,17 +108,38 @@ def conv_slabs(
 
 
 def conv_in_slabs(
-    conv: nn.Conv3d, planes: PlaneSource, like: torch.Tensor, min_planes: int = 1
+    conv: nn.Conv3d,
+    planes: PlaneSource,
+    like: torch.Tensor,
+    min_planes: int = 1,
+    *,
+    into: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """:func:`conv_slabs` put together: ``conv(planes(0, depth))``."""
+    """:func:`conv_slabs` put together: ``conv(planes(0, depth))``.
+
+    ``into``, a tensor the caller gives up (``planes`` may read it: it is written a slab at a
+    time, with ``carry``), receives the output when its shape, dtype and layout are the output's
+    and the convolution runs in slabs: the block needs no second feature map of that size.
+    """
     out = None
-    for where, y in conv_slabs(conv, planes, like, min_planes):
+    for where, y in conv_slabs(conv, planes, like, min_planes, carry=into is not None):
         if where == slice(None):
             return y
         if out is None:
             shape = (y.shape[0], y.shape[1], like.shape[2], *y.shape[3:])
-            out = torch.empty(
-                shape, dtype=y.dtype, device=y.device, memory_format=memory_format_of(y)
+            fmt = memory_format_of(y)
+            fits = (
+                into is not None
+                and into.shape == shape
+                and into.dtype == y.dtype
+                and into.device == y.device
+                and memory_format_of(into) == fmt
+                and into.is_contiguous(memory_format=fmt)
+            )
+            out = (
+                into
+                if fits
+                else torch.empty(shape, dtype=y.dtype, device=y.device, memory_format=fmt)
             )
         out[:, :, where] = y
         del y
@@ -180,11 +218,20 @@ class ConvNormAct(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.from_planes(lambda lo, hi: x[:, :, lo:hi], x)
 
+    def over(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward`, its output written over ``x`` where it fits (``x`` is given up)."""
+        return self.from_planes(lambda lo, hi: x[:, :, lo:hi], x, into=x)
+
     def from_planes(
-        self, planes: PlaneSource, like: torch.Tensor, min_planes: int = 1
+        self,
+        planes: PlaneSource,
+        like: torch.Tensor,
+        min_planes: int = 1,
+        *,
+        into: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The block on the input ``planes`` gives (:func:`conv_in_slabs`)."""
-        x = self.norm.normalize_(conv_in_slabs(self.conv, planes, like, min_planes))
+        x = self.norm.normalize_(conv_in_slabs(self.conv, planes, like, min_planes, into=into))
         return self.nonlin(x) if hasattr(self, "nonlin") else x
 
 
@@ -217,7 +264,11 @@ class StackedConvBlocks(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.convs(x)
+        first, *rest = self.convs
+        x = first(x)
+        for block in rest:  # each written over the last one's output, which nothing else holds
+            x = block.over(x)
+        return x
 
 
 class BasicBlockD(nn.Module):
@@ -361,9 +412,11 @@ class Decoder(nn.Module):
     def features(self, skips: list[torch.Tensor]) -> torch.Tensor:
         """The last stage's features (the input of the segmentation head).
 
-        The list is consumed: each skip is freed as soon as it has been used. Each stage's
+        The list is consumed: each skip is given up as soon as it has been used. Each stage's
         first convolution reads ``cat(up(x), skip)`` a slab at a time (:func:`conv_in_slabs`),
-        so the whole upsampled and concatenated input is never held.
+        so the whole upsampled and concatenated input is never held, and writes its output over
+        the skip, the blocks after it over their input: a stage holds one feature map of its
+        size, not two.
         """
         x = skips.pop()
         for up, stage in zip(self.transpconvs, self.stages, strict=True):
@@ -372,10 +425,10 @@ class Decoder(nn.Module):
             # a slab's upsampling is itself one oneDNN convolution (torch's other kernel sums
             # in another order)
             min_planes = up.stride[0] * onednn_min_planes(up.in_channels, x.shape[3])
-            x = first.from_planes(_upsampled_with_skip(up, x, skip), skip, min_planes)
+            x = first.from_planes(_upsampled_with_skip(up, x, skip), skip, min_planes, into=skip)
             del skip
             for block in rest:
-                x = block(x)
+                x = block.over(x)
         return x
 
     def forward(self, skips: list[torch.Tensor]) -> torch.Tensor:
