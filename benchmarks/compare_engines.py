@@ -49,7 +49,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.time_pipeline import cpu_model, full_width_models  # noqa: E402
+from benchmarks.time_pipeline import cpu_model, full_width_models, source_version  # noqa: E402
 
 STAGES = ("load_models", "load", "reorient", "dlicv", "mask_crop", "dlmuse", "paste")
 
@@ -274,6 +274,7 @@ def _write_results(
     meta = {
         "machine": cpu_model(),
         "python": sys.version.split()[0],
+        "commit": source_version(),
         "models": "full-width DLICV + DLMUSE (official plans), seeded random weights",
         "icv": {
             "standin": "DLMUSE cropped by the DLICV stand-in's mask, the same in every engine",
@@ -290,9 +291,8 @@ def _write_results(
         json.dumps({"meta": meta, "runs": runs, "agreement": agreements}, indent=2) + "\n"
     )
     cut = "" if meta["complete"] else f" Stopped after {', '.join(done)} of {len(args.scans)}."
-    table = f"Machine: {meta['machine']}; {meta['models']}; {meta['icv']}.{cut}\n\n" + _table(
-        runs, agreements
-    )
+    head = f"Machine: {meta['machine']}; commit {meta['commit']}; {meta['models']}; {meta['icv']}."
+    table = f"{head}{cut}\n\n" + _table(runs, agreements)
     (args.out / f"{stem}.md").write_text(table)
 
 

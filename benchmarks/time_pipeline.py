@@ -20,6 +20,7 @@ import json
 import platform
 import resource
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -53,6 +54,20 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def source_version() -> str:
+    """The commit the benchmark ran (``-dirty`` with uncommitted changes), or ``unknown``."""
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(REPO), "describe", "--always", "--dirty", "--abbrev=12"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return out.stdout.strip() or "unknown"
 
 
 def peak_rss_gib() -> float:
