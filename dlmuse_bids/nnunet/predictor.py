@@ -228,13 +228,19 @@ class Predictor:
         return result
 
     def export(self, logits: torch.Tensor, props: dict) -> np.ndarray:
-        """Resample logits to the cropped input grid, argmax, paste back, undo transposes."""
+        """Resample logits to the cropped input grid, argmax, paste back, undo transposes.
+
+        The classes are resampled on as many threads as torch's (the predictor's
+        ``num_threads`` inside :meth:`predict`), each as nnU-Net does: the labels do not
+        depend on the number.
+        """
         channels = resampled_channels(
             logits.numpy(),
             props["shape_after_cropping"],
             list(self.config.spacing),
             props["spacing_t"],
             self.config.resampling_probabilities,
+            workers=torch.get_num_threads(),
         )
         seg = streaming_argmax(channels)
         dtype = np.uint8 if self.config.num_classes <= 255 else np.uint16

@@ -10,7 +10,9 @@ data.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from scipy import ndimage
@@ -163,21 +165,35 @@ def resampled_channels(
     spacing: Sequence[float],
     new_spacing: Sequence[float],
     spec: ResamplingSpec,
+    workers: int = 1,
 ) -> Iterator[np.ndarray]:
     """Yield each channel of ``logits`` resampled to ``new_shape``, cast back to its dtype.
 
-    Streaming one channel at a time keeps memory at one channel of float64 instead of nnU-Net's
-    whole float64 copy of every class; the values are the same.
+    Streaming one channel at a time keeps memory at one channel of float64 (per worker) instead
+    of nnU-Net's whole float64 copy of every class; the values are the same. ``workers`` threads
+    resample channels side by side (scipy's interpolation releases the GIL), yielded in order;
+    at most ``workers`` channels are in flight beyond the one yielded.
     """
-    same = tuple(logits.shape[1:]) == tuple(new_shape)
-    axis = None if same else separate_z_axis(spec, spacing, new_spacing)
-    for c in range(logits.shape[0]):
-        if same:
-            yield logits[c]
-        else:
-            yield resample_channel(logits[c], new_shape, spec.order, axis, spec.order_z).astype(
-                logits.dtype
-            )
+    n = logits.shape[0]
+    if tuple(logits.shape[1:]) == tuple(new_shape):
+        yield from (logits[c] for c in range(n))
+        return
+    axis = separate_z_axis(spec, spacing, new_spacing)
+
+    def channel(c: int) -> np.ndarray:
+        out = resample_channel(logits[c], new_shape, spec.order, axis, spec.order_z)
+        return out.astype(logits.dtype)
+
+    if workers <= 1:
+        yield from (channel(c) for c in range(n))
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="dlmuse-resample") as pool:
+        pending = deque(pool.submit(channel, c) for c in range(min(workers, n)))
+        for c in range(workers, n + workers):
+            done = pending.popleft().result()
+            if c < n:
+                pending.append(pool.submit(channel, c))
+            yield done
 
 
 def streaming_argmax(channels: Iterator[np.ndarray]) -> np.ndarray:
