@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import sys
+import threading
 import warnings
 
 import numpy as np
@@ -440,6 +441,7 @@ def test_resampling_on_several_threads_gives_each_channel_in_order(workers):
     channels = resampled_channels(logits, *args, workers=workers)
     next(channels)
     channels.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("dlmuse-resample")]
 
 
 def test_separate_z_rule():

@@ -133,7 +133,6 @@ def conv_in_slabs(
                 and into.shape == shape
                 and into.dtype == y.dtype
                 and into.device == y.device
-                and memory_format_of(into) == fmt
                 and into.is_contiguous(memory_format=fmt)
             )
             out = (
