@@ -23,16 +23,14 @@ Usage::
 
     python benchmarks/compare_engines.py [--scans sub-otsu_T1w.nii.gz sub-chris_T1w.nii.gz]
         [--tta on|off] [--threads 2] [--device cpu|cuda]
-        [--engines default exact fast nnunetv2] [--retain-memory] [--icv standin|network]
+        [--engines default exact fast nnunetv2] [--icv standin|network]
         [--models DIR]
         [--out benchmarks/results] [--stem NAME]
 
 Engines: our ``exact``, ``default`` and ``fast`` modes as the commands run them, and
-``nnunetv2``'s predictor as NiChart runs it. ``--tta off`` turns mirroring off in every engine;
-``--retain-memory`` runs every engine with
-:func:`dlmuse_bids.nnunet.memory.retain_freed_memory`. Writes ``results/<stem>.json`` and
-``.md`` (default stem ``engines_<device>_tta-<on|off>``). nnunetv2 must be installed
-(``pip install --no-deps -r tests/requirements-reference.txt``).
+``nnunetv2``'s predictor as NiChart runs it. ``--tta off`` turns mirroring off in every engine.
+Writes ``results/<stem>.json`` and ``.md`` (default stem ``engines_<device>_tta-<on|off>``).
+nnunetv2 must be installed (``pip install --no-deps -r tests/requirements-reference.txt``).
 """
 
 from __future__ import annotations
@@ -136,7 +134,6 @@ def run_one(
     threads: int,
     device: str,
     labels_out: Path,
-    retain: bool = False,
     icv_mask: Path | None = None,
 ) -> dict:
     """One pipeline run in this process: stage seconds, CPU seconds, peak RSS."""
@@ -145,13 +142,11 @@ def run_one(
 
     from dlmuse_bids.io import load_t1w
     from dlmuse_bids.models import find_model, load_trained_model
-    from dlmuse_bids.nnunet.memory import retain_freed_memory
     from dlmuse_bids.pipeline import DLMUSEPipeline
     from dlmuse_bids.runner import precision_label
     from dlmuse_bids.settings import NETWORKS, PipelineInference
 
     torch.set_num_threads(threads)
-    retained = retain and retain_freed_memory()
     t0 = time.perf_counter()
     dirs = [models]
     if engine == "nnunetv2":
@@ -200,7 +195,6 @@ def run_one(
         "threads": threads,
         "device": device,
         "networks": how,
-        "freed_memory_retained": bool(retained),
         "step_size": 0.5,
         "seconds": seconds,
         "pipeline_s": sum(v for k, v in seconds.items() if k != "load_models"),
@@ -313,7 +307,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--stem", help="name of the result files (default engines_<device>_tta-<on|off>)"
     )
-    p.add_argument("--retain-memory", action="store_true", help="glibc keeps freed memory")
     p.add_argument(
         "--icv",
         choices=("standin", "network"),
@@ -338,7 +331,6 @@ def main(argv: list[str] | None = None) -> int:
             args.threads,
             args.device,
             Path(labels),
-            args.retain_memory,
             args.icv_mask,
         )
         print("RESULT " + json.dumps(record), flush=True)
@@ -374,7 +366,6 @@ def main(argv: list[str] | None = None) -> int:
                     args.device,
                     "--models",
                     str(models),
-                    *(["--retain-memory"] if args.retain_memory else []),
                     *(["--icv-mask", str(mask)] if icv == "standin" else []),
                 ]
                 proc = subprocess.run(cmd, capture_output=True, text=True, check=False)

@@ -484,6 +484,32 @@ def test_head_in_pieces_is_the_whole_head(mirror, fast):
     assert torch.equal(pieces, whole)
 
 
+@needs_shared
+def test_the_tiles_of_an_image_share_one_mirror_sum():
+    """Each mirrored tile's sum is written over the last tile's (one buffer for the image, no
+    tile-sized hole in the heap between tiles), and is still that tile's own average, bit for
+    bit (the unmirrored pass overwrites every element)."""
+    from dlmuse_bids.nnunet.sliding_window import _tile_predictions, predict_tile
+
+    plans, dataset = _load(DLMUSE_PLANS_SOURCE)
+    config = parse_plans(plans, dataset)
+    torch.manual_seed(0)
+    net = build_network(config.architecture, 1, config.num_classes)
+    tiles = [((slice(i, i + 32),), torch.randn(1, 1, 32, 32, 32)) for i in range(3)]
+    with torch.inference_mode():
+        expected = [predict_tile(net, tile, (0, 1)) for _, tile in tiles]
+        seen = []
+        for (sl, pieces), (tile_sl, _), want in zip(
+            _tile_predictions(net, iter(tiles), (0, 1), None), tiles, expected, strict=True
+        ):
+            ((planes, piece),) = list(pieces)
+            assert sl == tile_sl and planes == slice(None)
+            assert torch.equal(piece, want[0])
+            seen.append(piece.data_ptr())
+            piece.mul_(0.5)  # the consumer may write over it, as the accumulation does
+    assert len(set(seen)) == 1
+
+
 @pytest.mark.parametrize("mirror", [None, (0, 1, 2)], ids=["plain", "mirrored"])
 @pytest.mark.parametrize("budget", list(_SLABS.values())[1:], ids=list(_SLABS)[1:])
 def test_head_in_slabs_lands_every_plane_where_it_belongs(mirror, budget, monkeypatch):
@@ -569,91 +595,100 @@ def test_instance_norm_in_place_falls_back_where_it_cannot_be_in_place():
         assert torch.allclose(result, norm(x))
 
 
-_TRIM_SCRIPT = """
+_MEMORY_SCRIPT = """
 import ctypes, sys
 from dlmuse_bids.nnunet import memory
 
-if sys.argv[1] == "retain":
-    assert memory.retain_freed_memory()
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = (ctypes.c_void_p,)
-size = 100 * 1024  # under glibc's mmap threshold: served from the heap
-blocks = [libc.malloc(size) for _ in range(400)]
-for block in blocks:
-    ctypes.memset(block, 1, size)
-for block in blocks[::2]:  # holes between live blocks: free, but never trimmed by free()
-    libc.free(block)
+
 
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * 4096
 
+
+def touched(size):
+    block = libc.malloc(size)
+    ctypes.memset(block, 1, size)
+    return block
+
+
+def dropped_by_free(size):
+    block = touched(size)
+    before = rss()
+    libc.free(block)
+    return before - rss()
+
+
+big = 64 * 2**20  # over glibc's mmap threshold: its own mapping, unmapped on free
+small = 100 * 1024  # under it: served from the heap
+out = [dropped_by_free(big)]
+with memory.freed_memory_kept() as kept:
+    out += [kept, dropped_by_free(big)]
+    with memory.freed_memory_kept():  # nested: only the outermost block acts
+        pass
+    out.append(dropped_by_free(big))
+    before = rss()
+out.append(before - rss())  # what the block kept, returned on leaving it
+out.append(dropped_by_free(big))  # the default is back
+blocks = [touched(small) for _ in range(400)]
+for block in blocks[::2]:  # holes between live blocks: free, but never trimmed by free()
+    libc.free(block)
 before = rss()
-released = memory.release_freed_memory()
-sys.stdout.write(f"{released} {before - rss()}")
+out += [memory.release_freed_memory(), before - rss()]
+sys.stdout.write(" ".join(map(str, out)))
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
-@pytest.mark.parametrize("how", ["plain", "retain"])
-def test_release_freed_memory_returns_free_pages_unless_retained(how):
-    """After a prediction the free pages the heap holds go back to the kernel (20 MB of holes
-    here); a process that retains freed memory on purpose keeps them."""
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_freed_memory_is_kept_inside_the_block_and_returned_after():
+    """A freed 64 MB block stays resident for reuse inside ``freed_memory_kept`` (also after a
+    nested block has left), returns to the kernel when the outermost block is left, and is
+    unmapped on free outside it; ``release_freed_memory`` returns the holes of the heap."""
     import subprocess
 
     from tests.support.paths import REPO_ROOT
 
     proc = subprocess.run(
-        [sys.executable, "-c", _TRIM_SCRIPT, how],
+        [sys.executable, "-c", _MEMORY_SCRIPT],
         capture_output=True, text=True, check=True, cwd=REPO_ROOT,
     )  # fmt: skip
-    released, dropped = proc.stdout.split()
-    if how == "plain":
-        assert released == "True" and int(dropped) > 15 * 2**20
-    else:
-        assert released == "False" and abs(int(dropped)) < 2**20
-
-
-_LABELS_SCRIPT = """
-import sys
-import numpy as np
-from pathlib import Path
-from dlmuse_bids.models import find_model, load_trained_model
-from dlmuse_bids.nnunet.memory import retain_freed_memory
-from dlmuse_bids.settings import InferenceOptions
-from tests.conftest import synthetic_head
-
-retained = retain_freed_memory() if sys.argv[2] == "retain" else False
-assert retain_freed_memory() is retained or sys.argv[2] != "retain"  # idempotent
-options = InferenceOptions(device="cpu", num_threads=1, use_mirroring=False)
-predictor = load_trained_model(find_model("DLICV", [Path(sys.argv[1])])).predictor(options)
-data = np.asarray(synthetic_head().dataobj, dtype=np.float32)
-for _ in range(2):  # the second prediction reuses what the first freed
-    labels = predictor.predict(data, (2.0, 2.0, 2.0))
-sys.stdout.write(f"{retained} {labels.tobytes().hex()}")
-"""
+    before, kept, inside, nested, on_leaving, after, released, holes = proc.stdout.split()
+    big = 64 * 2**20
+    assert kept == "True" and released == "True"
+    assert int(before) > big - 2**20 and int(after) > big - 2**20
+    assert abs(int(inside)) < 2**20 and abs(int(nested)) < 2**20
+    assert int(on_leaving) > big - 2**20
+    assert int(holes) > 15 * 2**20
 
 
 @needs_shared
-def test_retaining_freed_memory_changes_no_label(tiny_models):
-    """glibc keeping freed blocks (a process-wide setting: each run in its own process) gives
-    bit-identical labels; it works here (Linux, glibc)."""
-    import subprocess
-    import sys
+def test_keeping_freed_memory_changes_no_label(tiny_models, monkeypatch):
+    """Predictions with glibc keeping freed blocks (what the sliding window does) and without
+    are bit-identical, and the block was really entered."""
+    import contextlib
 
-    from tests.support.paths import REPO_ROOT
+    from dlmuse_bids.models import find_model, load_trained_model
+    from dlmuse_bids.nnunet import memory, sliding_window
+    from dlmuse_bids.settings import InferenceOptions
+    from tests.conftest import synthetic_head
 
-    def labels(how: str) -> tuple[str, str]:
-        proc = subprocess.run(
-            [sys.executable, "-c", _LABELS_SCRIPT, str(tiny_models), how],
-            capture_output=True, text=True, check=True, cwd=REPO_ROOT,
-        )  # fmt: skip
-        return tuple(proc.stdout.split())
+    entered = []
 
-    retained, with_it = labels("retain")
-    plain, without = labels("plain")
-    assert (retained, plain) == ("True", "False")
-    assert with_it == without
+    def counted():
+        entered.append(True)
+        return memory.freed_memory_kept()
+
+    options = InferenceOptions(device="cpu", num_threads=1, use_mirroring=False)
+    predictor = load_trained_model(find_model("DLICV", [tiny_models])).predictor(options)
+    data = np.asarray(synthetic_head().dataobj, dtype=np.float32)
+    monkeypatch.setattr(sliding_window, "freed_memory_kept", counted)
+    kept = [predictor.predict(data, (2.0, 2.0, 2.0)) for _ in range(2)]  # the 2nd reuses
+    monkeypatch.setattr(sliding_window, "freed_memory_kept", contextlib.nullcontext)
+    plain = predictor.predict(data, (2.0, 2.0, 2.0))
+    assert len(entered) == 2
+    assert np.array_equal(kept[0], plain) and np.array_equal(kept[1], plain)
 
 
 @needs_shared

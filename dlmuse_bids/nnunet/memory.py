@@ -1,33 +1,35 @@
-"""Keep freed memory in the process, so that each tile's tensors do not fault in fresh pages.
+"""Keep freed memory in the process while tiles run, so that each pass does not fault in fresh
+pages; hand it back after.
 
 A full-width tile allocates tensors of hundreds of MB (a 32-channel fp32 feature map of DLICV's
 160x128x112 tile is 294 MB). glibc serves every allocation over 32 MB with its own ``mmap`` and
 returns it to the kernel on ``free``, so each new tensor is fresh memory whose every 4 KiB page
-the kernel must fault in and zero on first touch: on the benchmark machine that was a third of a
-bf16 tile's time. Retaining freed memory changes no arithmetic (outputs are bit-identical).
+the kernel must fault in and zero on first touch: 2.4 million faults and 5.4 s of system time
+for two 152-class DLMUSE passes on the benchmark machine, 30 % of their time. Keeping freed
+memory changes no arithmetic (outputs are bit-identical).
 
-:func:`retain_freed_memory` asks glibc to serve large blocks from its heap and never to trim
-it. It is process-wide, so an application calls it (once per process that runs networks), not
-the engine. Elsewhere (musl, macOS, Windows) it does nothing and says so.
+:func:`freed_memory_kept` is a block inside which glibc serves large blocks from its heap and
+keeps what is freed there for the next allocations; the sliding window runs its tiles inside
+one, after allocating the image-sized tensors that outlive them (the logits and the mirror sum),
+so that the heap holds only what each pass allocates and frees again in the same pattern. On
+leaving, glibc's defaults come back and every free page is returned. Process-wide while it
+lasts, like torch's thread count.
 
-:func:`release_freed_memory` is the opposite, for one moment: after a network's prediction it
-hands back to the kernel every whole free page that glibc still holds (``malloc_trim``), in
-every arena. Without it, the pages DLICV's tiles freed in its worker threads' arenas stay
-resident (0.2-0.3 GiB measured) while DLMUSE allocates its own, and add to the run's peak. The
-predictor calls it after each prediction unless :func:`retain_freed_memory` is in force.
-
-Not switched on by the commands yet: on the benchmark machine it made the no-TTA pipeline 1.6x
-faster (192 -> 120 s on a 1 mm head) but raised its peak RSS from 3.0 to 4.5 GiB, because blocks
-of many sizes fragment one heap where separate mappings did not. ``benchmarks/compare_engines.py
---retain-memory`` measures it.
+:func:`release_freed_memory` hands back to the kernel every whole free page that glibc still
+holds (``malloc_trim``), in every arena: after each prediction, so that what one network freed
+is not resident under the next one's peak. Elsewhere than glibc (musl, macOS, Windows) both do
+nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import logging
 import sys
+import threading
+from collections.abc import Iterator
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +38,17 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 _INT_MAX = 2**31 - 1
+# glibc's defaults (malloc.c: DEFAULT_MMAP_MAX, DEFAULT_TRIM_THRESHOLD)
+_DEFAULT_MMAP_MAX = 65536
+_DEFAULT_TRIM = 128 * 1024
 
-_done: bool | None = None
+#: inside freed_memory_kept: one arena, no mmap, no trimming
+_KEEP = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _INT_MAX))
+#: after it: glibc's defaults for the last two
+_DEFAULTS = ((_M_MMAP_MAX, _DEFAULT_MMAP_MAX), (_M_TRIM_THRESHOLD, _DEFAULT_TRIM))
+
+_depth = 0  # freed_memory_kept blocks entered and not left, in all threads
+_lock = threading.Lock()
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -52,40 +63,48 @@ def _glibc() -> ctypes.CDLL | None:
     return libc
 
 
-def retain_freed_memory() -> bool:
-    """Make glibc's malloc keep freed blocks for reuse; True when it now does.
+@contextlib.contextmanager
+def freed_memory_kept() -> Iterator[bool]:
+    """Inside the block, glibc's malloc keeps freed blocks for the next allocations; yields
+    whether it does (False where the C library is not glibc).
 
-    No ``mmap`` for large blocks (they come from the heap), no trimming of the heap's top, and
-    one arena, so that blocks freed by one thread serve the next tile's allocations whatever
-    thread makes them. Idempotent; returns False where the C library is not glibc.
+    No ``mmap`` for large blocks (they come from the heap), no trimming of the heap, and one
+    arena, so that the blocks one pass frees serve the next pass's allocations, whatever thread
+    makes them. On leaving the last block open in the process, glibc's defaults for large
+    blocks and trimming are back and every free page goes back to the kernel
+    (:func:`release_freed_memory`). The arena limit stays: glibc fixes it for good the first time
+    a thread needs an arena, so a process whose threads first did so inside a block keeps one
+    arena (its threads then share one lock for their ``malloc`` calls).
     """
-    global _done
-    if _done is not None:
-        return _done
-    _done = False
+    global _depth
     libc = _glibc()
     if libc is None:
         logger.debug("not glibc: freed memory is returned to the system as usual")
-        return False
+        yield False
+        return
     mallopt = libc.mallopt
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    ok = all(
-        mallopt(param, value) == 1
-        for param, value in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _INT_MAX))
-    )
-    _done = ok
-    logger.debug("glibc malloc retains freed memory: %s", ok)
-    return ok
+    with _lock:
+        if _depth == 0:
+            for param, value in _KEEP:
+                mallopt(param, value)
+        _depth += 1
+    try:
+        yield True
+    finally:
+        with _lock:
+            _depth -= 1
+            if _depth == 0:
+                for param, value in _DEFAULTS:
+                    mallopt(param, value)
+                release_freed_memory()
 
 
 def release_freed_memory() -> bool:
     """Return glibc's free pages, in every arena, to the kernel; True when any were returned.
 
-    Does nothing (False) where the C library is not glibc, or where :func:`retain_freed_memory`
-    made this process keep its freed memory on purpose.
+    Does nothing (False) where the C library is not glibc.
     """
-    if _done:
-        return False
     libc = _glibc()
     if libc is None:
         return False

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from scipy.ndimage import gaussian_filter
 
+from .memory import freed_memory_kept
 from .network import conv_slabs, memory_format_of
 
 #: Channels per step when flipping or accumulating a tile's output (bounds temporary copies).
@@ -104,7 +105,10 @@ def mirror_combinations(axes: Sequence[int]) -> list[tuple[int, ...]]:
 
 @torch.inference_mode()
 def predict_tile(
-    network: torch.nn.Module, x: torch.Tensor, mirror_axes: Sequence[int] | None
+    network: torch.nn.Module,
+    x: torch.Tensor,
+    mirror_axes: Sequence[int] | None,
+    into: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Network output for one (1, C, ...) tile, averaged over mirrored copies when asked.
 
@@ -113,7 +117,9 @@ def predict_tile(
     ``head`` (:class:`~dlmuse_bids.nnunet.network.UNet`) has its 1x1 head applied a slab of
     planes at a time (:func:`_head_slabs`), straight into the average: no whole second copy of
     a 152-class output, nor oneDNN's blocked copy of it, is ever held. Every element is computed
-    as by the whole head.
+    as by the whole head. ``into``, the last tile's result (given up), receives this one's where
+    it fits: the tiles of an image reuse one buffer, so that no hole of a tile's size opens in
+    the heap between tiles (:func:`~.memory.freed_memory_kept`).
     """
     passes = [(), *(mirror_combinations(mirror_axes) if mirror_axes else [])]
     if not _has_head(network):
@@ -125,7 +131,7 @@ def predict_tile(
         for planes, out in _head_slabs(network.head, features):
             if prediction is None:
                 shape = (out.shape[0], out.shape[1], *features.shape[2:])
-                prediction = _prediction_buffer(out, shape)
+                prediction = _prediction_buffer(out, shape, into)
             if 2 in dims:  # the flipped input's planes lo..hi are the output's depth-hi..depth-lo
                 r = range(depth)[planes]
                 planes = slice(depth - r.stop, depth - r.start)
@@ -164,12 +170,22 @@ def _head_slabs(
     return conv_slabs(head, lambda lo, hi: features[:, :, lo:hi], features)
 
 
-def _prediction_buffer(first: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """An empty tensor of ``shape`` for a tile's output, laid out like ``first``."""
+def _prediction_buffer(
+    first: torch.Tensor, shape: tuple[int, ...], reuse: torch.Tensor | None = None
+) -> torch.Tensor:
+    """A tensor of ``shape`` for a tile's output, laid out like ``first``: ``reuse`` where its
+    shape, dtype, device and layout are those, else a new one."""
     dtype = torch.float32 if first.dtype == torch.bfloat16 else first.dtype
-    return torch.empty(
-        shape, dtype=dtype, device=first.device, memory_format=memory_format_of(first)
-    )
+    fmt = memory_format_of(first)
+    if (
+        reuse is not None
+        and reuse.shape == shape
+        and reuse.dtype == dtype
+        and reuse.device == first.device
+        and reuse.is_contiguous(memory_format=fmt)
+    ):
+        return reuse
+    return torch.empty(shape, dtype=dtype, device=first.device, memory_format=fmt)
 
 
 def _add_flipped(total: torch.Tensor, out: torch.Tensor, dims: tuple[int, ...]) -> None:
@@ -218,9 +234,11 @@ def _tile_predictions(
     tiles: Iterator[tuple[tuple[slice, ...], torch.Tensor]],
     mirror_axes: Sequence[int] | None,
     autocast_dtype: torch.dtype | None,
+    buffer: torch.Tensor | None = None,
 ) -> Iterator[tuple[tuple[slice, ...], _Pieces]]:
     """Each tile's (C, ...) prediction in pieces, one tile at a time with all of torch's
-    threads.
+    threads. ``buffer``: where every mirrored tile's sum goes, where it fits
+    (:func:`predict_tile`'s ``into``).
 
     Without mirroring, a network with a head (:class:`~dlmuse_bids.nnunet.network.UNet`) gives
     its head's output a slab of planes at a time, each piece to be accumulated before the next
@@ -238,10 +256,9 @@ def _tile_predictions(
             del features
         else:
             with _autocast(tile.device, autocast_dtype):
-                prediction = predict_tile(network, tile, mirror_axes)[0]
+                buffer = predict_tile(network, tile, mirror_axes, into=buffer)
             del tile
-            yield sl, iter([(slice(None), prediction)])
-            del prediction  # not alive during the next tile's passes
+            yield sl, iter([(slice(None), buffer[0])])
 
 
 def _head_pieces(
@@ -413,18 +430,28 @@ def sliding_window_logits(
         for sl in slicers
     )
     if threads_per_pass is None:
-        predictions = _tile_predictions(network, tiles, mirror_axes, autocast_dtype)
+        buffer = None
+        if mirror_axes and _has_head(network):  # the tiles' mirror sums, one at a time
+            buffer = torch.empty(
+                (1, num_classes, *tile_size),
+                dtype=torch.float16 if autocast_dtype == torch.float16 else torch.float32,
+                device=device,
+                memory_format=layout,
+            )
+        predictions = _tile_predictions(network, tiles, mirror_axes, autocast_dtype, buffer)
     else:
         predictions = _tile_predictions_parallel(
             network, tiles, mirror_axes, autocast_dtype, threads_per_pass
         )
-    for sl, pieces in predictions:
-        for planes, piece in pieces:
-            rows = range(sl[0].start, sl[0].stop)[planes]
-            view = logits[(slice(None), slice(rows.start, rows.stop), *sl[1:])]
-            _accumulate(view, piece.to(results_device), gaussian_f32[planes])
-            del piece  # not alive while the next piece, or the next tile, is computed
-        weights[sl] += gaussian
+    # the image-sized tensors above are allocated before, and outlive, the tiles' memory kept
+    with freed_memory_kept():
+        for sl, pieces in predictions:
+            for planes, piece in pieces:
+                rows = range(sl[0].start, sl[0].stop)[planes]
+                view = logits[(slice(None), slice(rows.start, rows.stop), *sl[1:])]
+                _accumulate(view, piece.to(results_device), gaussian_f32[planes])
+                del piece  # not alive while the next piece, or the next tile, is computed
+            weights[sl] += gaussian
     torch.div(logits, weights, out=logits)
     # a class at a time: a whole test would hold an |x| copy and a mask (1.4 GB for DLMUSE)
     if any(torch.isinf(channel).any() for channel in logits):
