@@ -10,8 +10,9 @@ memory changes no arithmetic (outputs are bit-identical).
 
 :func:`freed_memory_kept` is a block inside which glibc serves large blocks from its heap and
 keeps what is freed there for the next allocations; the sliding window runs its tiles inside
-one, after allocating the image-sized tensors that outlive them (the logits and the mirror sum),
-so that the heap holds only what each pass allocates and frees again in the same pattern. On
+one, after allocating the tensors that outlive them (the logits, the one buffer every tile's
+mirror sum goes to), so that the heap holds only what each pass allocates and frees again in
+the same pattern. On
 leaving, glibc's defaults come back and every free page is returned. Process-wide while it
 lasts, like torch's thread count.
 

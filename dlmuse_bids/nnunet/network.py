@@ -440,8 +440,8 @@ class _UpsampledWithSkip:
     """Planes of ``cat(up(below), skip)``, each computed from the planes of ``below`` under it.
 
     nnU-Net's transposed convolutions have kernel = stride, so an output plane depends on one
-    input plane only. :meth:`fill` writes the planes straight into a convolution's slab (no
-    concatenated copy: 132 MB at DLMUSE's full resolution, at a tile's peak).
+    input plane only. :meth:`fill` writes the planes straight into a convolution's slab, with
+    no concatenated copy to write and read again (132 MB a slab at DLMUSE's full resolution).
     """
 
     def __init__(self, up: nn.ConvTranspose3d, below: torch.Tensor, skip: torch.Tensor) -> None:

@@ -443,7 +443,8 @@ def sliding_window_logits(
         predictions = _tile_predictions_parallel(
             network, tiles, mirror_axes, autocast_dtype, threads_per_pass
         )
-    # the image-sized tensors above are allocated before, and outlive, the tiles' memory kept
+    # the tensors above (logits, weights, the mirror-sum buffer) are allocated before, and
+    # outlive, the memory the tiles keep: they leave no holes in the heap the tiles reuse
     with freed_memory_kept():
         for sl, pieces in predictions:
             for planes, piece in pieces:
