@@ -35,6 +35,26 @@ def memory_format_of(t: torch.Tensor) -> torch.memory_format:
     return torch.channels_last_3d if cl and not t.is_contiguous() else torch.contiguous_format
 
 
+def empty_or(
+    reuse: torch.Tensor | None,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+    memory_format: torch.memory_format,
+) -> torch.Tensor:
+    """``reuse`` where its shape, dtype, device and layout are these (its values are to be
+    written over), else a new empty tensor of them."""
+    if (
+        reuse is not None
+        and reuse.shape == shape
+        and reuse.dtype == dtype
+        and reuse.device == device
+        and reuse.is_contiguous(memory_format=memory_format)
+    ):
+        return reuse
+    return torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
+
+
 def onednn_min_planes(channels: int, rows: int) -> int:
     """The fewest planes of a (channels, planes, rows, ...) input that torch gives oneDNN."""
     return -(-_ONEDNN_MIN_CDH // (channels * rows))
@@ -129,19 +149,7 @@ def conv_in_slabs(
             return y
         if out is None:
             shape = (y.shape[0], y.shape[1], like.shape[2], *y.shape[3:])
-            fmt = memory_format_of(y)
-            fits = (
-                into is not None
-                and into.shape == shape
-                and into.dtype == y.dtype
-                and into.device == y.device
-                and into.is_contiguous(memory_format=fmt)
-            )
-            out = (
-                into
-                if fits
-                else torch.empty(shape, dtype=y.dtype, device=y.device, memory_format=fmt)
-            )
+            out = empty_or(into, shape, y.dtype, y.device, memory_format_of(y))
         out[:, :, where] = y
         del y
     return out

@@ -20,7 +20,7 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 from .memory import freed_memory_kept
-from .network import conv_slabs, memory_format_of
+from .network import conv_slabs, empty_or, memory_format_of
 
 #: Channels per step when flipping or accumulating a tile's output (bounds temporary copies).
 _CHANNEL_CHUNK = 16
@@ -176,16 +176,7 @@ def _prediction_buffer(
     """A tensor of ``shape`` for a tile's output, laid out like ``first``: ``reuse`` where its
     shape, dtype, device and layout are those, else a new one."""
     dtype = torch.float32 if first.dtype == torch.bfloat16 else first.dtype
-    fmt = memory_format_of(first)
-    if (
-        reuse is not None
-        and reuse.shape == shape
-        and reuse.dtype == dtype
-        and reuse.device == first.device
-        and reuse.is_contiguous(memory_format=fmt)
-    ):
-        return reuse
-    return torch.empty(shape, dtype=dtype, device=first.device, memory_format=fmt)
+    return empty_or(reuse, shape, dtype, first.device, memory_format_of(first))
 
 
 def _add_flipped(total: torch.Tensor, out: torch.Tensor, dims: tuple[int, ...]) -> None:
