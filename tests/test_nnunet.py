@@ -663,6 +663,51 @@ def test_freed_memory_is_kept_inside_the_block_and_returned_after():
     assert int(holes) > 15 * 2**20
 
 
+_THRESHOLD_SCRIPT = """
+import ctypes, sys
+from dlmuse_bids.nnunet import memory
+
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = (ctypes.c_void_p,)
+
+
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+
+
+def touched(size):
+    block = libc.malloc(size)
+    ctypes.memset(block, 1, size)
+    return block
+
+
+libc.free(touched(16 * 2**20))  # a freed mapping under 32 MB raises glibc's dynamic threshold
+with memory.freed_memory_kept():
+    pass
+block, above = touched(4 * 2**20), touched(100 * 1024)  # the small one pins a heap block
+before = rss()
+libc.free(block)
+sys.stdout.write(str(before - rss()))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_leaving_the_block_puts_a_fixed_mmap_threshold_back():
+    """After the block, a 4 MB block is a mapping of its own, unmapped on free, even where a freed
+    16 MB mapping had raised glibc's dynamic threshold (which the block froze): blocks made
+    between two networks' tiles must not grow, and be pinned in, the heap the tiles keep."""
+    import subprocess
+
+    from tests.support.paths import REPO_ROOT
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _THRESHOLD_SCRIPT],
+        capture_output=True, text=True, check=True, cwd=REPO_ROOT,
+    )  # fmt: skip
+    assert int(proc.stdout) > 3 * 2**20
+
+
 @needs_shared
 def test_keeping_freed_memory_changes_no_label(tiny_models, monkeypatch):
     """Predictions with glibc keeping freed blocks (what the sliding window does) and without
