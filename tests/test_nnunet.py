@@ -595,7 +595,8 @@ def test_instance_norm_in_place_falls_back_where_it_cannot_be_in_place():
         assert torch.allclose(result, norm(x))
 
 
-_MEMORY_SCRIPT = """
+#: what both glibc scripts below start with: malloc, free, touched blocks and the RSS
+_GLIBC_PRELUDE = """
 import ctypes, sys
 from dlmuse_bids.nnunet import memory
 
@@ -612,7 +613,11 @@ def touched(size):
     block = libc.malloc(size)
     ctypes.memset(block, 1, size)
     return block
+"""
 
+_MEMORY_SCRIPT = (
+    _GLIBC_PRELUDE
+    + """
 
 def dropped_by_free(size):
     block = touched(size)
@@ -639,6 +644,7 @@ before = rss()
 out += [memory.release_freed_memory(), before - rss()]
 sys.stdout.write(" ".join(map(str, out)))
 """
+)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
@@ -663,24 +669,9 @@ def test_freed_memory_is_kept_inside_the_block_and_returned_after():
     assert int(holes) > 15 * 2**20
 
 
-_THRESHOLD_SCRIPT = """
-import ctypes, sys
-from dlmuse_bids.nnunet import memory
-
-libc = ctypes.CDLL("libc.so.6")
-libc.malloc.restype = ctypes.c_void_p
-libc.free.argtypes = (ctypes.c_void_p,)
-
-
-def rss():
-    return int(open("/proc/self/statm").read().split()[1]) * 4096
-
-
-def touched(size):
-    block = libc.malloc(size)
-    ctypes.memset(block, 1, size)
-    return block
-
+_THRESHOLD_SCRIPT = (
+    _GLIBC_PRELUDE
+    + """
 
 libc.free(touched(16 * 2**20))  # a freed mapping under 32 MB raises glibc's dynamic threshold
 with memory.freed_memory_kept():
@@ -690,6 +681,7 @@ before = rss()
 libc.free(block)
 sys.stdout.write(str(before - rss()))
 """
+)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
