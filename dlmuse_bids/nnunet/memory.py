@@ -51,8 +51,8 @@ _KEEP = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _INT_MAX))
 #: threshold froze glibc's dynamic mmap threshold wherever freed mappings had raised it (up to
 #: 32 MB); left there, the arrays made between two networks (masks, crops, the next network's
 #: input, 4-30 MB) came from the heap the last tiles kept and pinned it, and the next network's
-#: tiles grew the heap around them (the mirrored pipeline's peak on sub-otsu: 3.46 GiB, 2.98 with
-#: the threshold put back)
+#: tiles grew the heap around them (the mirrored pipeline's peak on sub-otsu: 3.46-3.49 GiB, and
+#: 2.98-3.29 GiB with the threshold put back)
 _DEFAULTS = (
     (_M_MMAP_MAX, _DEFAULT_MMAP_MAX),
     (_M_TRIM_THRESHOLD, _DEFAULT_TRIM),
