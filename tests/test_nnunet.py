@@ -615,6 +615,19 @@ def touched(size):
     return block
 """
 
+
+def _glibc_script(script: str) -> str:
+    """What ``script`` writes, run in a fresh interpreter (glibc's settings are process-wide)."""
+    import subprocess
+
+    from tests.support.paths import REPO_ROOT
+
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=REPO_ROOT
+    )
+    return proc.stdout
+
+
 _MEMORY_SCRIPT = (
     _GLIBC_PRELUDE
     + """
@@ -652,15 +665,8 @@ def test_freed_memory_is_kept_inside_the_block_and_returned_after():
     """A freed 64 MB block stays resident for reuse inside ``freed_memory_kept`` (also after a
     nested block has left), returns to the kernel when the outermost block is left, and is
     unmapped on free outside it; ``release_freed_memory`` returns the holes of the heap."""
-    import subprocess
-
-    from tests.support.paths import REPO_ROOT
-
-    proc = subprocess.run(
-        [sys.executable, "-c", _MEMORY_SCRIPT],
-        capture_output=True, text=True, check=True, cwd=REPO_ROOT,
-    )  # fmt: skip
-    before, kept, inside, nested, on_leaving, after, released, holes = proc.stdout.split()
+    out = _glibc_script(_MEMORY_SCRIPT)
+    before, kept, inside, nested, on_leaving, after, released, holes = out.split()
     big = 64 * 2**20
     assert kept == "True" and released == "True"
     assert int(before) > big - 2**20 and int(after) > big - 2**20
@@ -689,15 +695,8 @@ def test_leaving_the_block_puts_a_fixed_mmap_threshold_back():
     """After the block, a 4 MB block is a mapping of its own, unmapped on free, even where a freed
     16 MB mapping had raised glibc's dynamic threshold (which the block froze): blocks made
     between two networks' tiles must not grow, and be pinned in, the heap the tiles keep."""
-    import subprocess
-
-    from tests.support.paths import REPO_ROOT
-
-    proc = subprocess.run(
-        [sys.executable, "-c", _THRESHOLD_SCRIPT],
-        capture_output=True, text=True, check=True, cwd=REPO_ROOT,
-    )  # fmt: skip
-    assert int(proc.stdout) > 3 * 2**20
+    out = _glibc_script(_THRESHOLD_SCRIPT)
+    assert int(out) > 3 * 2**20
 
 
 @needs_shared

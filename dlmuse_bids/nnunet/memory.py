@@ -12,9 +12,9 @@ memory changes no arithmetic (outputs are bit-identical).
 keeps what is freed there for the next allocations; the sliding window runs its tiles inside
 one, after allocating the tensors that outlive them (the logits, the one buffer every tile's
 mirror sum goes to), so that the heap holds only what each pass allocates and frees again in
-the same pattern. On
-leaving, glibc's defaults come back and every free page is returned. Process-wide while it
-lasts, like torch's thread count.
+the same pattern. On leaving, glibc's defaults come back (its mmap threshold fixed at the
+initial 128 KiB) and every free page is returned. Process-wide while it lasts, like torch's
+thread count.
 
 :func:`release_freed_memory` hands back to the kernel every whole free page that glibc still
 holds (``malloc_trim``), in every arena: after each prediction, so that what one network freed
