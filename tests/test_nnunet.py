@@ -828,3 +828,59 @@ def test_sliding_window_is_nnunets_bit_for_bit(mirror, fast):
         )  # fmt: skip
     assert ours.dtype == expected.dtype == torch.float16
     assert torch.equal(ours, expected)
+
+
+_ARENA_SCRIPT = (
+    _GLIBC_PRELUDE
+    + """
+import tempfile
+import numpy as np
+from dlmuse_bids.models import load_trained_model
+from dlmuse_bids.settings import InferenceOptions
+from tests.conftest import synthetic_head
+
+
+def arenas():
+    with tempfile.NamedTemporaryFile("r") as f:
+        stream = libc.fopen(f.name.encode(), b"w")
+        libc.malloc_info(0, stream)
+        libc.fclose(stream)
+        return f.read().count("<heap nr=")
+
+
+libc.fopen.restype = ctypes.c_void_p
+libc.malloc_info.argtypes = (ctypes.c_int, ctypes.c_void_p)
+libc.fclose.argtypes = (ctypes.c_void_p,)
+options = InferenceOptions(device="cpu", num_threads=2, use_mirroring=True, threads_per_pass=1)
+if sys.argv[2] == "predictor":
+    predictor = load_trained_model(sys.argv[1]).predictor(options)
+    predictor.predict(np.asarray(synthetic_head().dataobj, dtype=np.float32), (2.0, 2.0, 2.0))
+else:  # the same passes in pool threads, without a predictor made first
+    import torch
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda _: torch.ones(2**20).sum(), range(8)))
+sys.stdout.write(str(arenas()))
+"""
+)
+
+
+@needs_shared
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_the_threads_of_a_predictor_share_one_arena(tiny_models):
+    """A predictor's pool threads (passes run several at once) allocate from glibc's main arena,
+    where the freed blocks of a tile are kept for the next; threads in a process without a
+    predictor get arenas of their own (the control)."""
+    import subprocess
+
+    from dlmuse_bids.models import find_model
+    from tests.support.paths import REPO_ROOT
+
+    folder = str(find_model("DLICV", [tiny_models]))
+    counts = {}
+    for case in ("predictor", "control"):
+        cmd = [sys.executable, "-c", _ARENA_SCRIPT, folder, case]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=REPO_ROOT)
+        counts[case] = int(proc.stdout)
+    assert counts == {"predictor": 1, "control": counts["control"]}
+    assert counts["control"] > 1

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..settings import PRECISIONS, InferenceOptions
-from .memory import release_freed_memory
+from .memory import one_arena, release_freed_memory
 from .network import build_network
 from .plans import ModelConfig
 from .preprocessing import (
@@ -122,6 +122,9 @@ class Predictor:
     ) -> None:
         if not fold_weights:
             raise ValueError("at least one fold's weights are needed")
+        # before the first thread that runs a pass allocates: the tiles' freed blocks are then
+        # kept for every thread's next pass (:mod:`.memory`)
+        one_arena()
         self.config = config
         self.options = options
         self.device = torch_device(options.device)
