@@ -22,12 +22,8 @@ from .plans import ArchitectureSpec
 SLAB_BYTES = 16 * 2**20
 #: torch gives a float32 CPU convolution to oneDNN only when its input's C * D * H exceeds 20480
 #: (ATen's ``ConvParams::use_mkldnn``); its other kernel sums in another order, so a slab's input
-#: is kept above that wherever the whole convolution's is. Twice the limit: oneDNN also picks its
-#: kernel by shape, and at 1.2 times it (6-plane slabs) DLMUSE's head gets other bits; at twice it
-#: the full-tile tests hold on 1, 2 and 4 threads, and the slabs of DLMUSE's head and last
-#: decoder stage are half those at four times it (the head's 71 MB, not 135, plus oneDNN's blocked
-#: copy as big): 0.14 GB less at the peak of a tile, and smaller holes for the heap to refill.
-_ONEDNN_MIN_CDH = 2 * 20480
+#: is kept well above that wherever the whole convolution's is.
+_ONEDNN_MIN_CDH = 4 * 20480
 
 #: ``planes(lo, hi)``: a convolution's input planes ``lo`` to ``hi - 1`` (first spatial axis).
 PlaneSource = Callable[[int, int], torch.Tensor]
