@@ -616,14 +616,19 @@ def touched(size):
 """
 
 
-def _glibc_script(script: str) -> str:
-    """What ``script`` writes, run in a fresh interpreter (glibc's settings are process-wide)."""
+def _glibc_script(script: str, *args: str) -> str:
+    """What ``script`` writes, run with ``args`` in a fresh interpreter (glibc's settings are
+    process-wide)."""
     import subprocess
 
     from tests.support.paths import REPO_ROOT
 
     proc = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=REPO_ROOT
+        [sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO_ROOT,
     )
     return proc.stdout
 
@@ -851,8 +856,8 @@ def arenas():
 libc.fopen.restype = ctypes.c_void_p
 libc.malloc_info.argtypes = (ctypes.c_int, ctypes.c_void_p)
 libc.fclose.argtypes = (ctypes.c_void_p,)
-options = InferenceOptions(device="cpu", num_threads=2, use_mirroring=True, threads_per_pass=1)
 if sys.argv[2] == "predictor":
+    options = InferenceOptions(device="cpu", num_threads=2, threads_per_pass=1)
     predictor = load_trained_model(sys.argv[1]).predictor(options)
     predictor.predict(np.asarray(synthetic_head().dataobj, dtype=np.float32), (2.0, 2.0, 2.0))
 else:  # the same passes in pool threads, without a predictor made first
@@ -871,16 +876,10 @@ def test_the_threads_of_a_predictor_share_one_arena(tiny_models):
     """A predictor's pool threads (passes run several at once) allocate from glibc's main arena,
     where the freed blocks of a tile are kept for the next; threads in a process without a
     predictor get arenas of their own (the control)."""
-    import subprocess
-
     from dlmuse_bids.models import find_model
-    from tests.support.paths import REPO_ROOT
 
     folder = str(find_model("DLICV", [tiny_models]))
-    counts = {}
-    for case in ("predictor", "control"):
-        cmd = [sys.executable, "-c", _ARENA_SCRIPT, folder, case]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=REPO_ROOT)
-        counts[case] = int(proc.stdout)
-    assert counts == {"predictor": 1, "control": counts["control"]}
-    assert counts["control"] > 1
+    counts = {
+        case: int(_glibc_script(_ARENA_SCRIPT, folder, case)) for case in ("predictor", "control")
+    }
+    assert counts["predictor"] == 1 and counts["control"] > 1, counts
