@@ -117,7 +117,8 @@ def freed_memory_kept() -> Iterator[bool]:
 
 
 def one_arena() -> bool:
-    """Have every thread of the process allocate from glibc's main arena; True where it does.
+    """Have every thread of the process allocate from glibc's main arena; True where glibc took
+    the setting.
 
     glibc fixes its arena limit the first time a thread other than the first needs an arena, so
     this acts only if no thread has allocated yet; after that it changes nothing. In a thread's
@@ -125,8 +126,8 @@ def one_arena() -> bool:
     :func:`freed_memory_kept` says: the passes that run in pool threads (DLICV's, several at
     once) faulted in 1.1 million fresh pages a prediction without it, 0.2 million with it (2 s
     of a 25 s unmirrored DLICV; mirrored, 7.8 million and 18 s of system time against 0.3
-    million and 2 s). Threads then share one lock for their ``malloc`` calls (a few
-    thousand a tile). Does nothing (False) where the C library is not glibc.
+    million and 2 s). Threads then share one lock for their ``malloc`` calls. Does nothing
+    (False) where the C library is not glibc.
     """
     libc = _glibc()
     if libc is None:
