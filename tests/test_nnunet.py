@@ -860,7 +860,7 @@ if sys.argv[2] == "predictor":
     options = InferenceOptions(device="cpu", num_threads=2, threads_per_pass=1)
     predictor = load_trained_model(sys.argv[1]).predictor(options)
     predictor.predict(np.asarray(synthetic_head().dataobj, dtype=np.float32), (2.0, 2.0, 2.0))
-else:  # the same passes in pool threads, without a predictor made first
+else:  # threads that allocate, in a process where no predictor was made
     import torch
     from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(2) as pool:

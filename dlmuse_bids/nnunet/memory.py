@@ -48,8 +48,8 @@ _DEFAULT_MMAP_MAX = 65536
 _DEFAULT_TRIM = 128 * 1024
 _DEFAULT_MMAP_THRESHOLD = 128 * 1024
 
-#: inside freed_memory_kept: one arena, no mmap, no trimming
-_KEEP = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _INT_MAX))
+#: inside freed_memory_kept: no mmap, no trimming (and one arena: one_arena)
+_KEEP = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _INT_MAX))
 #: after it: glibc's defaults for the last two, and its initial mmap threshold. Setting the trim
 #: threshold froze glibc's dynamic mmap threshold wherever freed mappings had raised it (up to
 #: 32 MB); left there, the arrays made between two networks (masks, crops, the next network's
@@ -84,13 +84,12 @@ def freed_memory_kept() -> Iterator[bool]:
     whether it does (False where the C library is not glibc).
 
     No ``mmap`` for large blocks (they come from the heap), no trimming of the heap, and one
-    arena, so that the blocks one pass frees serve the next pass's allocations, whatever thread
-    makes them. On leaving the last block open in the process, glibc's defaults for large
-    blocks and trimming are back and every free page goes back to the kernel
-    (:func:`release_freed_memory`). The arena limit stays: glibc fixes it for good the first time
-    a thread needs an arena, so a process whose threads first did so inside a block keeps one
-    arena (its threads then share one lock for their ``malloc`` calls). The mmap threshold is
-    fixed at glibc's initial 128 KiB after the block, no longer raised by freed mappings.
+    arena (:func:`one_arena`), so that the blocks one pass frees serve the next pass's
+    allocations, whatever thread makes them. On leaving the last block open in the process,
+    glibc's defaults for large blocks and trimming are back and every free page goes back to
+    the kernel (:func:`release_freed_memory`). The arena limit stays (:func:`one_arena`). The
+    mmap threshold is fixed at glibc's initial 128 KiB after the block, no longer raised by
+    freed mappings.
     """
     global _depth
     libc = _glibc()
@@ -102,6 +101,7 @@ def freed_memory_kept() -> Iterator[bool]:
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     with _lock:
         if _depth == 0:
+            one_arena()
             for param, value in _KEEP:
                 mallopt(param, value)
         _depth += 1
